@@ -1,0 +1,3 @@
+from polyak.cli import main
+
+raise SystemExit(main())
