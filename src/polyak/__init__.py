@@ -4,11 +4,21 @@ Gradients and their processing, optimizer application with a global step, and av
 ("shadow") weights: exponential moving averages and target networks, at memory speed.
 """
 
+from polyak.averaging import (
+    ExponentialMovingAverage,
+    IncompatibleKeys,
+    TargetNetwork,
+    schedules,
+)
 from polyak.flat import flatten_parameters_
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExponentialMovingAverage",
+    "IncompatibleKeys",
+    "TargetNetwork",
     "__version__",
     "flatten_parameters_",
+    "schedules",
 ]

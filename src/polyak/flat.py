@@ -19,26 +19,52 @@ There is no TensorFlow equivalent: TF variables are separate buffers too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["coalesce", "flatten_parameters_"]
+__all__ = ["coalesce", "flatten_parameters_", "pack"]
 
 _HOOK_ATTR = "_polyak_flat_grad_hook"
+
+
+def pack(
+    specs: Sequence[tuple[torch.Size, torch.dtype, torch.device]], *, zeros: bool = False
+) -> list[torch.Tensor]:
+    """Allocate one contiguous buffer per (device, dtype) and return views shaped as ``specs``.
+
+    Views of one (device, dtype) follow each other in the order of ``specs``, so
+    :func:`coalesce` merges them back into one span. ``zeros=True`` zero-fills, otherwise the
+    memory is uninitialised.
+    """
+    sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+    for shape, dtype, device in specs:
+        key = (torch.device(device), dtype)
+        sizes[key] = sizes.get(key, 0) + math.prod(shape)
+    alloc = torch.zeros if zeros else torch.empty
+    buffers = {key: alloc(n, dtype=key[1], device=key[0]) for key, n in sizes.items()}
+    offsets = dict.fromkeys(sizes, 0)
+    views = []
+    for shape, dtype, device in specs:
+        key = (torch.device(device), dtype)
+        start = offsets[key]
+        offsets[key] = start + math.prod(shape)
+        views.append(buffers[key][start : offsets[key]].view(shape))
+    return views
 
 
 def flatten_parameters_(module: nn.Module) -> nn.Module:
     """Move ``module``'s parameters into one contiguous buffer per (device, dtype), in place.
 
     Every ``Parameter`` object stays the same (only its ``.data`` becomes a view into the
-    buffer), in the order of ``module.parameters()``. Gradients get a matching buffer: a
-    post-accumulate-grad hook copies a freshly allocated gradient into its slot, so gradients
-    land in the flat buffer even after ``optimizer.zero_grad()`` set them to ``None`` (with
-    ``zero_grad(set_to_none=False)`` they accumulate there in place, at no extra cost).
-    Parameters that never receive a gradient keep ``grad=None``, so optimizers skip them as
-    before.
+    buffer), in the order of ``module.parameters()``. Trainable parameters get a matching
+    gradient buffer: a post-accumulate-grad hook copies a freshly allocated gradient into its
+    slot, so gradients land in the flat buffer even after ``optimizer.zero_grad()`` set them
+    to ``None`` (with ``zero_grad(set_to_none=False)`` they accumulate there in place, at no
+    extra cost). Parameters that never receive a gradient keep ``grad=None``, so optimizers
+    skip them as before.
 
     Anything that later replaces a parameter's storage (``module.to(...)``, ``param.data = t``)
     takes that parameter out of the buffer; consumers notice through :func:`coalesce` and fall
@@ -46,27 +72,15 @@ def flatten_parameters_(module: nn.Module) -> nn.Module:
 
     Returns ``module`` for chaining.
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
-    for param in module.parameters():
-        groups.setdefault((param.device, param.dtype), []).append(param)
+    params = list(module.parameters())
+    trainable = [p for p in params if p.requires_grad]
     with torch.no_grad():
-        for (device, dtype), params in groups.items():
-            total = sum(p.numel() for p in params)
-            values = torch.empty(total, dtype=dtype, device=device)
-            grads = (
-                torch.zeros(total, dtype=dtype, device=device)
-                if any(p.requires_grad for p in params)
-                else None
-            )
-            offset = 0
-            for param in params:
-                size = param.numel()
-                view = values[offset : offset + size].view(param.shape)
-                view.copy_(param)
-                param.data = view
-                if grads is not None and param.requires_grad:
-                    _attach_grad_slot(param, grads[offset : offset + size].view(param.shape))
-                offset += size
+        for param, view in zip(params, pack([(p.shape, p.dtype, p.device) for p in params])):
+            view.copy_(param)
+            param.data = view
+        slots = pack([(p.shape, p.dtype, p.device) for p in trainable], zeros=True)
+        for param, slot in zip(trainable, slots):
+            _attach_grad_slot(param, slot)
     return module
 
 

@@ -1,0 +1,769 @@
+"""Exponential moving averages of tensors: TensorFlow's ``tf.train.ExponentialMovingAverage``.
+
+Per tracked entry, one update step is::
+
+    shadow = decay * shadow + (1 - decay) * value        # a lerp towards value
+
+with ``decay = min(decay, (1 + n) / (10 + n))`` when ``num_updates`` is given, computed in
+float32 as TF does. Shadows of *variables* (parameters, module buffers, leaf tensors that
+require grad) start at the variable's value; shadows of *values* (a loss, a batch statistic)
+start at zero and, with ``zero_debias=True``, are bias-corrected exactly as TF's
+``assign_moving_average(..., zero_debias=True)``::
+
+    biased     = biased - (biased - value) * (1 - decay)
+    local_step = local_step + 1
+    shadow     = biased / (1 - decay ** local_step)
+
+Shadows live in one contiguous buffer per (device, dtype) and are handed out as views: a step
+over a whole model is one ``_foreach_lerp_`` over a few spans when the model's parameters are
+contiguous too (:func:`polyak.flatten_parameters_`), and per-tensor foreach kernels otherwise.
+Nothing in a step waits for the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from polyak.averaging.names import BufferPolicy, canonical_name, module_tensors
+from polyak.flat import coalesce, pack
+from polyak.gradients.global_step import GlobalStep
+
+__all__ = ["ExponentialMovingAverage", "IncompatibleKeys"]
+
+VarList = nn.Module | Mapping[str, torch.Tensor] | Iterable[torch.Tensor] | torch.Tensor
+Decay = float | Callable[[int], float]
+NumUpdates = int | torch.Tensor | GlobalStep | None
+
+
+class IncompatibleKeys(NamedTuple):
+    """What ``load_state_dict(strict=False)`` could not match, as ``nn.Module`` reports it."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _f32(x: float) -> float:
+    """Round a Python float to the nearest float32, to compute decays as TF's float32 ops do."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+class _Entry:
+    """One tracked tensor: its shadow, where it comes from, and how it is updated."""
+
+    __slots__ = ("average", "biased", "dtype", "local_step", "name", "shadow", "source")
+
+    def __init__(
+        self,
+        name: str,
+        source: torch.Tensor | None,
+        shadow: torch.Tensor,
+        average: bool,
+        biased: torch.Tensor | None,
+    ) -> None:
+        self.name = name
+        self.source = source  # the variable; None for a value (re-passed at every apply)
+        self.dtype = shadow.dtype if source is None else source.dtype  # as tracked
+        self.shadow = shadow
+        self.average = average  # False: copied (integer state such as num_batches_tracked)
+        self.biased = biased  # TF's `biased` accumulator, for zero-debiased values
+        self.local_step = 0  # TF's `local_step`, for zero-debiased values
+
+    @property
+    def is_value(self) -> bool:
+        return self.source is None
+
+
+class _Plan:
+    """The kernels of one step over a fixed list of variables, with the pointers they assume."""
+
+    __slots__ = ("copies", "entries", "fingerprint", "lerps")
+
+    def __init__(self, entries: list[_Entry]) -> None:
+        self.entries = entries
+        self.fingerprint = [e.source.data_ptr() for e in entries]  # type: ignore[union-attr]
+        groups: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for e in entries:
+            src = e.source
+            assert src is not None
+            key = (e.average, e.shadow.device, e.shadow.dtype, src.device, src.dtype)
+            shadows, sources = groups.setdefault(key, ([], []))
+            shadows.append(e.shadow)
+            sources.append(src.detach())
+        # (shadow spans, source spans, whether sources need a cast to the shadows' dtype/device)
+        self.lerps: list[tuple[list[torch.Tensor], list[torch.Tensor], bool]] = []
+        self.copies: list[tuple[list[torch.Tensor], list[torch.Tensor], bool]] = []
+        for (average, s_dev, s_dtype, v_dev, v_dtype), (shadows, sources) in groups.items():
+            s_spans, v_spans = coalesce(shadows, sources)
+            cast = s_dev != v_dev or s_dtype != v_dtype
+            (self.lerps if average else self.copies).append((s_spans, v_spans, cast))
+
+    def is_current(self) -> bool:
+        current = [e.source.data_ptr() for e in self.entries]  # type: ignore[union-attr]
+        return current == self.fingerprint
+
+
+class ExponentialMovingAverage:
+    """Shadow copies of tensors that follow them with an exponential moving average.
+
+    Args:
+        decay: a float in [0, 1], or a schedule ``callable(step) -> float`` (see
+            :mod:`polyak.schedules`); ``step`` counts the averaging steps taken so far.
+        num_updates: ``None``, an ``int``, a 0-dim tensor or a :class:`polyak.GlobalStep`,
+            read at each step: ``decay = min(decay, (1 + n) / (10 + n))``, in float32 as TF.
+        zero_debias: bias-correct the shadows of *values* (they start at zero), as TF.
+        name: the suffix of shadow names, ``"<variable>/<name>"``.
+        update_every: average on every ``k``-th call only. The decay is then ``decay ** k``
+            (same averaging horizon in steps) unless ``compound_decay=False``.
+        update_after: the first ``update_after`` calls copy the variables instead of
+            averaging (schedules then start at step 0).
+        compound_decay: see ``update_every``.
+        shadow_dtype: dtype of the shadows of floating entries (e.g. ``torch.float32`` for a
+            bf16 model: bf16 cannot represent a 1e-4 step of a decay-0.9999 average).
+        device: where shadows live (e.g. ``"cpu"`` to keep them off the accelerator).
+        buffers: a module's persistent buffers: ``"average"`` floating ones (integer ones are
+            copied), ``"copy"`` all, or ``"ignore"``.
+
+    TF equivalent: ``tf.train.ExponentialMovingAverage(decay, num_updates, zero_debias, name)``;
+    ``apply`` creates the shadows and takes one step, ``update()`` is running the returned op.
+    """
+
+    def __init__(
+        self,
+        decay: Decay = 0.999,
+        num_updates: NumUpdates = None,
+        zero_debias: bool = False,
+        name: str = "ExponentialMovingAverage",
+        *,
+        update_every: int = 1,
+        update_after: int = 0,
+        compound_decay: bool = True,
+        shadow_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        buffers: BufferPolicy = "average",
+    ) -> None:
+        if callable(decay):
+            self._schedule: Callable[[int], float] | None = decay
+            self._decay = float("nan")
+        else:
+            if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+                raise TypeError(
+                    f"decay must be a float in [0, 1] or a schedule callable(step) -> float, "
+                    f"got {type(decay).__name__}"
+                )
+            if not 0.0 <= decay <= 1.0:
+                raise ValueError(
+                    f"decay must be in [0, 1], got {decay}; for a target network with update "
+                    "rate tau use decay = 1 - tau"
+                )
+            self._schedule = None
+            self._decay = float(decay)
+        if not (
+            num_updates is None
+            or isinstance(num_updates, GlobalStep)
+            or (isinstance(num_updates, int) and not isinstance(num_updates, bool))
+            or (isinstance(num_updates, torch.Tensor) and num_updates.dim() == 0)
+        ):
+            raise TypeError(
+                "num_updates must be None, an int, a 0-dim tensor or a polyak.GlobalStep, "
+                f"got {num_updates!r}"
+            )
+        for label, value, low in (
+            ("update_every", update_every, 1),
+            ("update_after", update_after, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{label} must be an int >= {low}, got {value!r}")
+        if shadow_dtype is not None and not shadow_dtype.is_floating_point:
+            raise TypeError(f"shadow_dtype must be a floating dtype, got {shadow_dtype}")
+        if buffers not in ("average", "copy", "ignore"):
+            raise ValueError(f"buffers must be 'average', 'copy' or 'ignore', got {buffers!r}")
+        self._num_updates = num_updates
+        self.zero_debias = bool(zero_debias)
+        self.name = name
+        self.update_every = update_every
+        self.update_after = update_after
+        self.compound_decay = bool(compound_decay)
+        self.shadow_dtype = shadow_dtype
+        self.device = torch.device(device) if device is not None else None
+        self.buffers: BufferPolicy = buffers
+        self._entries: dict[str, _Entry] = {}
+        self._by_id: dict[int, _Entry] = {}
+        self._plans: dict[tuple[str, ...] | None, _Plan] = {}
+        self._step = 0
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def step(self) -> int:
+        """Calls to :meth:`apply`/:meth:`update` so far (copy and skipped calls included)."""
+        return self._step
+
+    @property
+    def decay(self) -> float | torch.Tensor:
+        """The decay the next averaging step will use (after schedule and ``num_updates``)."""
+        return self._decay_at(max(self._step - self.update_after, 0))
+
+    def apply(self, var_list: VarList) -> None:
+        """Track new entries of ``var_list``, then take one step for every entry listed.
+
+        ``var_list`` is a module (its parameters and buffers, by qualified name), a mapping
+        ``{name: tensor}``, or an iterable of variables (keyed by identity). New variables
+        get a shadow equal to their value, new values (tensors that are not variables) a
+        zero shadow. Entries tracked earlier but not listed are left alone, as in TF.
+        """
+        variables, values = self._prepare(var_list)
+        self._advance(variables, tuple(e.name for e in variables), values)
+
+    def track(self, var_list: VarList) -> None:
+        """Create shadows for the new entries of ``var_list`` without taking a step.
+
+        Useful to build an average up front (a target network starts equal to its online
+        network); :meth:`apply` is ``track`` followed by one step over the listed entries.
+        """
+        self._prepare(var_list)
+
+    def update(self) -> None:
+        """One step for every tracked variable, reading its current value."""
+        variables = [e for e in self._entries.values() if not e.is_value]
+        self._advance(variables, None, [])
+
+    def average(self, var: torch.Tensor | str) -> torch.Tensor | None:
+        """The shadow of ``var`` (a tracked tensor or its name), or ``None``."""
+        entry = self._lookup(var)
+        return None if entry is None else entry.shadow
+
+    def average_name(self, var: torch.Tensor | str) -> str:
+        """``"<variable name>/<name>"``, the name of ``var``'s shadow (TF's ``average_name``)."""
+        entry = self._lookup(var)
+        if entry is not None:
+            return f"{entry.name}/{self.name}"
+        if isinstance(var, str):
+            return f"{canonical_name(var)}/{self.name}"
+        raise ValueError(
+            "average_name: this tensor is not tracked, so it has no name; pass its name, or "
+            "apply() it first"
+        )
+
+    def variables_to_restore(self) -> dict[str, torch.Tensor]:
+        """``{average_name(v): v}`` for every tracked variable, as TF's method.
+
+        Restoring a checkpoint through this map loads each shadow into its variable::
+
+            saved = ema.state_dict()["averages"]   # or any {"<var>/<name>": tensor} file
+            for key, var in ema.variables_to_restore().items():
+                var.data.copy_(saved_by_average_name[key])
+        """
+        return {
+            f"{e.name}/{self.name}": e.source
+            for e in self._entries.values()
+            if e.source is not None
+        }
+
+    def copy_to(self, target: VarList) -> None:
+        """Write the shadows into ``target``: a module, a mapping by name, or tracked tensors.
+
+        Every tracked variable must find its place in a module or mapping target.
+        """
+        pairs = self._pairs(target, "copy_to")
+        with torch.no_grad():
+            _copy_spans([t for t, _ in pairs], [s for _, s in pairs])
+
+    @contextlib.contextmanager
+    def average_parameters(self, model: VarList) -> Iterator[VarList]:
+        """Swap the shadows into ``model`` for the ``with`` block, restore it on exit.
+
+        The original values are restored also when the block raises.
+        """
+        pairs = self._pairs(model, "average_parameters")
+        targets = [t for t, _ in pairs]
+        with torch.no_grad():
+            backup = [t.detach().clone() for t in targets]
+            _copy_spans(targets, [s for _, s in pairs])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                _copy_spans(targets, backup)
+
+    def average_module(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` whose tracked parameters and buffers ARE the shadows.
+
+        No second copy of the averaged weights is made: the returned module's parameters
+        share memory with the shadows (``requires_grad=False``), so every EMA step updates it.
+        Untracked tensors are deep-copied. After :meth:`to` or :meth:`load_state_dict` with
+        new entries, call this again.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"average_module expects an nn.Module, got {type(model).__name__}")
+        memo: dict[int, Any] = {}
+        for name, tensor, _ in module_tensors(model, "copy"):
+            entry = self._entries.get(name)
+            if entry is None or entry.is_value:
+                continue
+            if entry.shadow.shape != tensor.shape:
+                raise ValueError(
+                    f"average_module: '{name}' has shape {tuple(tensor.shape)} in the model but "
+                    f"{tuple(entry.shadow.shape)} in the average"
+                )
+            if isinstance(tensor, nn.Parameter):
+                memo[id(tensor)] = nn.Parameter(entry.shadow, requires_grad=False)
+            else:
+                memo[id(tensor)] = entry.shadow
+        return copy.deepcopy(model, memo)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"step", "averages": {name: shadow}, "values": {name: debias state}}``.
+
+        Tensors are the shadows themselves (no copy), as ``nn.Module.state_dict``; it loads
+        with ``torch.load(weights_only=True)``.
+        """
+        values: dict[str, dict[str, Any]] = {}
+        for e in self._entries.values():
+            if e.is_value:
+                state: dict[str, Any] = {"local_step": e.local_step}
+                if e.biased is not None:
+                    state["biased"] = e.biased
+                values[e.name] = state
+        return {
+            "step": self._step,
+            "averages": {e.name: e.shadow for e in self._entries.values()},
+            "values": values,
+        }
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True
+    ) -> IncompatibleKeys:
+        """Load shadows, step counter and debias state saved by :meth:`state_dict`.
+
+        Values (non-variable entries) in ``state_dict`` are created if not tracked yet, so a
+        resumed run finds them before its first ``apply``. With ``strict``, missing and
+        unexpected names raise a ``ValueError`` listing all of them; nothing changes unless
+        everything fits.
+        """
+        if not isinstance(state_dict, Mapping) or not isinstance(
+            state_dict.get("averages"), Mapping
+        ):
+            keys = sorted(map(str, state_dict))[:5] if isinstance(state_dict, Mapping) else "-"
+            raise ValueError(
+                "load_state_dict expects the dict returned by ExponentialMovingAverage."
+                "state_dict() ({'step', 'averages', 'values'}), got "
+                f"{type(state_dict).__name__} with keys {keys}"
+            )
+        step = state_dict.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"load_state_dict: 'step' must be an int >= 0, got {step!r}")
+        averages: Mapping[str, torch.Tensor] = state_dict["averages"]
+        values: Mapping[str, Mapping[str, Any]] = state_dict.get("values", {})
+        missing = sorted(n for n in self._entries if n not in averages)
+        unexpected = sorted(n for n in averages if n not in self._entries and n not in values)
+        if strict and (missing or unexpected):
+            raise ValueError(
+                "ExponentialMovingAverage.load_state_dict: the state dict does not fit.\n"
+                f"  missing (tracked here, absent there): {missing}\n"
+                f"  unexpected (there, not tracked here): {unexpected}\n"
+                "Track the same variables before loading, or pass strict=False to load the rest."
+            )
+        loads: list[tuple[_Entry, torch.Tensor]] = []
+        creates: list[tuple[str, torch.Tensor]] = []
+        for name, saved in averages.items():
+            if not isinstance(saved, torch.Tensor):
+                raise ValueError(f"load_state_dict: average of '{name}' is not a tensor")
+            entry = self._entries.get(name)
+            if entry is None:
+                if name in values:
+                    creates.append((name, saved))
+                continue
+            if saved.shape != entry.shadow.shape:
+                raise ValueError(
+                    f"load_state_dict: '{name}' has shape {tuple(saved.shape)} in the state "
+                    f"dict but {tuple(entry.shadow.shape)} here"
+                )
+            if saved.is_floating_point() != entry.shadow.is_floating_point():
+                raise ValueError(
+                    f"load_state_dict: '{name}' is {saved.dtype} in the state dict but "
+                    f"{entry.shadow.dtype} here"
+                )
+            if entry.is_value != (name in values):
+                kind = "a value" if name in values else "a variable"
+                raise ValueError(
+                    f"load_state_dict: '{name}' is {kind} in the state dict but not here"
+                )
+            loads.append((entry, saved))
+        # Everything is checked: from here on the EMA changes.
+        for entry in self._track([(n, t, True, True) for n, t in creates]):
+            loads.append((entry, averages[entry.name]))
+        with torch.no_grad():
+            for entry, saved in loads:
+                entry.shadow.copy_(saved)
+                state = values.get(entry.name)
+                if state is not None:
+                    entry.local_step = int(state.get("local_step", 0))
+                    if entry.biased is not None and "biased" in state:
+                        entry.biased.copy_(state["biased"])
+        self._step = step
+        return IncompatibleKeys(missing, unexpected)
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> ExponentialMovingAverage:
+        """Move the shadows (``dtype`` applies to floating ones) into new contiguous buffers.
+
+        The shadow tensor objects stay the same; modules from :meth:`average_module` made
+        before this call no longer share memory with them.
+        """
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"to: dtype must be floating, got {dtype}")
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.shadow_dtype = dtype
+        entries = list(self._entries.values())
+
+        def target(t: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+            floating = t.is_floating_point() and dtype is not None
+            return (t.device if device is None else torch.device(device)), (
+                dtype if floating else t.dtype  # type: ignore[return-value]
+            )
+
+        specs = [(e.shadow.shape, target(e.shadow)[1], target(e.shadow)[0]) for e in entries]
+        with torch.no_grad():
+            for entry, view in zip(entries, pack(specs)):
+                view.copy_(entry.shadow)
+                entry.shadow.data = view
+                if entry.biased is not None:
+                    entry.biased.data = entry.biased.to(device=view.device, dtype=view.dtype)
+        self._plans.clear()
+        return self
+
+    def __repr__(self) -> str:
+        decay = self._schedule if self._schedule is not None else self._decay
+        return (
+            f"ExponentialMovingAverage(decay={decay!r}, num_updates={self._num_updates!r}, "
+            f"zero_debias={self.zero_debias}, entries={len(self._entries)}, step={self._step})"
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _prepare(
+        self, var_list: VarList
+    ) -> tuple[list[_Entry], list[tuple[_Entry, torch.Tensor]]]:
+        """Check ``var_list``, track its new entries, return its variables and values."""
+        items = self._resolve(var_list)
+        new: list[tuple[str, torch.Tensor, bool, bool]] = []
+        repoint: list[tuple[_Entry, torch.Tensor]] = []
+        listed: list[_Entry | None] = []  # None: created below, in the order of `new`
+        seen: set[str] = set()
+        for item in items:
+            name, tensor, average, is_value = item
+            if name in seen:
+                raise ValueError(
+                    f"ExponentialMovingAverage: '{name}' is listed twice; names must be unique "
+                    "(after removing wrapper prefixes such as 'module.')"
+                )
+            seen.add(name)
+            entry = self._entries.get(name)
+            if entry is None:
+                _check_can_average(name, tensor, average)
+                new.append(item)
+            else:
+                self._check_same_kind(entry, tensor, is_value)
+                if not is_value and entry.source is not tensor:
+                    repoint.append((entry, tensor))
+            listed.append(entry)
+        # Everything is checked: from here on the EMA changes.
+        for entry, tensor in repoint:
+            self._by_id.pop(id(entry.source), None)
+            entry.source = tensor
+            self._by_id[id(tensor)] = entry
+        if repoint:
+            self._plans.clear()
+        created = iter(self._track(new))
+        entries = [e if e is not None else next(created) for e in listed]
+        values = [(e, item[1]) for e, item in zip(entries, items) if e.is_value]
+        return [e for e in entries if not e.is_value], values
+
+    def _resolve(self, var_list: VarList) -> list[tuple[str, torch.Tensor, bool, bool]]:
+        """``(name, tensor, average?, is_value?)`` for each entry of ``var_list``."""
+        if isinstance(var_list, nn.Module):
+            return [(n, t, avg, False) for n, t, avg in module_tensors(var_list, self.buffers)]
+        if isinstance(var_list, Mapping):
+            items = []
+            for key, tensor in var_list.items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise TypeError(
+                        f"ExponentialMovingAverage.apply: '{key}' is a "
+                        f"{type(tensor).__name__}, not a tensor"
+                    )
+                tracked = self._by_id.get(id(tensor))
+                is_value = tracked is None and not _is_variable(tensor)
+                items.append((canonical_name(str(key)), tensor, True, is_value))
+            return items
+        tensors = [var_list] if isinstance(var_list, torch.Tensor) else list(var_list)
+        items = []
+        fresh = 0
+        for i, tensor in enumerate(tensors):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(
+                    f"ExponentialMovingAverage.apply: entry {i} is a {type(tensor).__name__}; "
+                    "pass a module, a {name: tensor} mapping, or a list of tensors"
+                )
+            entry = self._by_id.get(id(tensor))
+            if entry is not None:
+                items.append((entry.name, tensor, entry.average, False))
+                continue
+            if not _is_variable(tensor):
+                raise TypeError(
+                    f"ExponentialMovingAverage.apply: entry {i} (shape {tuple(tensor.shape)}) is "
+                    "a value, not a variable (not a Parameter nor a leaf that requires grad): its "
+                    "tensor is new at every step, so it must be passed by name, e.g. "
+                    "ema.apply({'loss': loss})"
+                )
+            items.append((self._fresh_name(fresh), tensor, True, False))
+            fresh += 1
+        return items
+
+    def _fresh_name(self, skip: int) -> str:
+        """TF's default variable names: ``Variable``, ``Variable_1``, ... not yet taken."""
+        taken = 0
+        index = 0
+        while True:
+            name = "Variable" if index == 0 else f"Variable_{index}"
+            index += 1
+            if name not in self._entries:
+                if taken == skip:
+                    return name
+                taken += 1
+
+    def _check_same_kind(self, entry: _Entry, tensor: torch.Tensor, is_value: bool) -> None:
+        if entry.is_value != is_value:
+            was = "a value" if entry.is_value else "a variable"
+            now = "a value" if is_value else "a variable"
+            raise TypeError(
+                f"ExponentialMovingAverage: '{entry.name}' was tracked as {was} and is now "
+                f"{now}; use a different name for it"
+            )
+        _check_unchanged(entry, tensor)
+
+    def _track(self, new: list[tuple[str, torch.Tensor, bool, bool]]) -> list[_Entry]:
+        """Create shadows for ``new`` entries in fresh contiguous buffers."""
+        if not new:
+            return []
+        specs = []
+        for _, tensor, average, _ in new:
+            dtype = tensor.dtype
+            if average and self.shadow_dtype is not None:
+                dtype = self.shadow_dtype
+            specs.append((tensor.shape, dtype, self.device or tensor.device))
+        entries = []
+        with torch.no_grad():
+            for (name, tensor, average, is_value), shadow in zip(new, pack(specs, zeros=True)):
+                biased = None
+                if is_value:
+                    if self.zero_debias:
+                        biased = torch.zeros_like(shadow)
+                    source = None
+                else:
+                    shadow.copy_(tensor.detach())
+                    source = tensor
+                entry = _Entry(name, source, shadow, average, biased)
+                if source is not None:
+                    self._by_id[id(source)] = entry
+                self._entries[name] = entry
+                entries.append(entry)
+        self._plans.clear()
+        return entries
+
+    def _lookup(self, var: torch.Tensor | str) -> _Entry | None:
+        if isinstance(var, str):
+            return self._entries.get(canonical_name(var))
+        if isinstance(var, torch.Tensor):
+            return self._by_id.get(id(var))
+        raise TypeError(f"expected a tensor or a name, got {type(var).__name__}")
+
+    def _pairs(self, target: VarList, caller: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(target tensor, shadow) for every tracked variable, located in ``target``."""
+        variables = [e for e in self._entries.values() if not e.is_value]
+        if isinstance(target, (nn.Module, Mapping)):
+            named = (
+                {n: t for n, t, _ in module_tensors(target, "copy")}
+                if isinstance(target, nn.Module)
+                else {canonical_name(str(k)): t for k, t in target.items()}
+            )
+            missing = [e.name for e in variables if e.name not in named]
+            if missing:
+                raise ValueError(
+                    f"{caller}: the target has no place for {len(missing)} tracked "
+                    f"variable(s): {missing[:10]}{' ...' if len(missing) > 10 else ''}"
+                )
+            pairs = [(named[e.name], e.shadow) for e in variables]
+        else:
+            tensors = [target] if isinstance(target, torch.Tensor) else list(target)
+            pairs = []
+            for i, tensor in enumerate(tensors):
+                entry = self._by_id.get(id(tensor))
+                if entry is None:
+                    raise ValueError(
+                        f"{caller}: tensor {i} (shape {tuple(tensor.shape)}) is not tracked; "
+                        "pass the module or a {name: tensor} mapping to match by name"
+                    )
+                pairs.append((tensor, entry.shadow))
+        for tensor, shadow in pairs:
+            if tensor.shape != shadow.shape:
+                raise ValueError(
+                    f"{caller}: shape {tuple(tensor.shape)} in the target does not match the "
+                    f"average's {tuple(shadow.shape)}"
+                )
+        return pairs
+
+    def _decay_at(self, t: int) -> float | torch.Tensor:
+        """The decay of averaging step ``t``: schedule, TF's num_updates rule, compounding."""
+        if self._schedule is not None:
+            decay = float(self._schedule(t))
+            if not 0.0 <= decay <= 1.0:
+                raise ValueError(
+                    f"decay schedule {self._schedule!r} gave {decay} at step {t}; a decay must "
+                    "be in [0, 1]"
+                )
+        else:
+            decay = self._decay
+        # TF converts the decay to a float32 tensor before anything else.
+        d: float | torch.Tensor = _f32(decay)
+        n = self._num_updates
+        if isinstance(n, torch.Tensor):
+            nf = n.detach().to(torch.float32)
+            d = torch.clamp((1.0 + nf) / (10.0 + nf), max=d)
+        elif n is not None:
+            nf32 = _f32(float(int(n)))
+            d = min(d, _f32(_f32(1.0 + nf32) / _f32(10.0 + nf32)))  # type: ignore[type-var]
+        if self.update_every > 1 and self.compound_decay:
+            d = d**self.update_every if isinstance(d, torch.Tensor) else _f32(d**self.update_every)
+        return d
+
+    def _advance(
+        self,
+        variables: list[_Entry],
+        key: tuple[str, ...] | None,
+        values: list[tuple[_Entry, torch.Tensor]],
+    ) -> None:
+        """One step (copy, skip or average) over the given entries."""
+        plan = self._plans.get(key)
+        if plan is None or not plan.is_current():
+            for e in variables:
+                _check_unchanged(e, e.source)  # type: ignore[arg-type]
+            plan = self._plans[key] = _Plan(variables)
+        for entry, value in values:
+            _check_unchanged(entry, value)
+        t = self._step - self.update_after
+        if t < 0:
+            self._copy_step(plan, values)
+        elif (t + 1) % self.update_every == 0:
+            self._average_step(plan, values, self._decay_at(t))
+        self._step += 1
+
+    def _copy_step(self, plan: _Plan, values: list[tuple[_Entry, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for shadows, sources, _ in plan.lerps + plan.copies:
+                _copy_spans(shadows, sources)
+            for entry, value in values:
+                entry.shadow.copy_(value.detach())
+                if entry.biased is not None:
+                    # Debiasing restarts with the first averaged step.
+                    entry.biased.zero_()
+                    entry.local_step = 0
+
+    def _average_step(
+        self,
+        plan: _Plan,
+        values: list[tuple[_Entry, torch.Tensor]],
+        decay: float | torch.Tensor,
+    ) -> None:
+        one_minus = 1.0 - decay if isinstance(decay, torch.Tensor) else _f32(1.0 - decay)
+        with torch.no_grad():
+            for shadows, sources, cast in plan.lerps:
+                if cast:
+                    sources = [
+                        v.to(device=s.device, dtype=s.dtype) for s, v in zip(shadows, sources)
+                    ]
+                if isinstance(one_minus, torch.Tensor):
+                    weight = one_minus.to(device=shadows[0].device, dtype=shadows[0].dtype)
+                    torch._foreach_lerp_(shadows, sources, [weight] * len(shadows))
+                else:
+                    torch._foreach_lerp_(shadows, sources, one_minus)
+            for shadows, sources, _ in plan.copies:
+                _copy_spans(shadows, sources)
+            for entry, value in values:
+                _average_value(entry, value, one_minus)
+
+
+def _average_value(entry: _Entry, value: torch.Tensor, one_minus: float | torch.Tensor) -> None:
+    """TF's ``assign_moving_average`` on a value, with its exact arithmetic.
+
+    Values are few and small (losses, statistics), so this follows TF's three separately
+    rounded ops instead of a fused lerp: ``v -= (v - value) * (1 - decay)``.
+    """
+    shadow = entry.shadow
+    value = value.detach().to(device=shadow.device, dtype=shadow.dtype)
+    if isinstance(one_minus, torch.Tensor):
+        one_minus = one_minus.to(device=shadow.device, dtype=shadow.dtype)
+    if entry.biased is None:
+        shadow.sub_((shadow - value) * one_minus)
+        return
+    biased = entry.biased
+    biased.sub_((biased - value) * one_minus)
+    entry.local_step += 1
+    # bias_factor = 1 - (1 - (1 - decay)) ** local_step, each op rounded as TF's float32 ops.
+    if isinstance(one_minus, torch.Tensor):
+        factor: float | torch.Tensor = 1.0 - (1.0 - one_minus) ** entry.local_step
+    else:
+        factor = _f32(1.0 - _f32(_f32(1.0 - one_minus) ** entry.local_step))
+    torch.div(biased, factor, out=shadow)
+
+
+def _copy_spans(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``targets[i].copy_(sources[i])`` with as few kernels as the memory layout allows."""
+    if not targets:
+        return
+    t_spans, s_spans = coalesce(targets, [s.detach() for s in sources])
+    if all(t.device == s.device for t, s in zip(t_spans, s_spans)):
+        torch._foreach_copy_(t_spans, s_spans)
+    else:
+        for t, s in zip(t_spans, s_spans):
+            t.copy_(s)
+
+
+def _is_variable(t: torch.Tensor) -> bool:
+    """TF's Variable, in PyTorch: a Parameter, or a leaf tensor that requires grad."""
+    return isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad)
+
+
+def _check_can_average(name: str, tensor: torch.Tensor, average: bool) -> None:
+    if average and not tensor.is_floating_point():
+        raise TypeError(
+            f"ExponentialMovingAverage: '{name}' is {tensor.dtype}; only floating tensors can be "
+            "averaged (as TF: half, bfloat16, float or double). Integer state such as a "
+            "counter is copied when it is a module buffer: pass the module, or leave it out."
+        )
+
+
+def _check_unchanged(entry: _Entry, tensor: torch.Tensor) -> None:
+    """A variable keeps the shape and dtype it was tracked with; a value its shape."""
+    changed = tensor.shape != entry.shadow.shape or (
+        tensor.dtype != entry.dtype
+        if not entry.is_value
+        else tensor.is_floating_point() != entry.dtype.is_floating_point
+    )
+    if changed:
+        raise ValueError(
+            f"ExponentialMovingAverage: '{entry.name}' was tracked with shape "
+            f"{tuple(entry.shadow.shape)} ({entry.dtype}) and now has shape "
+            f"{tuple(tensor.shape)} ({tensor.dtype}). A changed model needs a new "
+            "ExponentialMovingAverage (load the old one's state_dict with strict=False to keep "
+            "what still fits), or ema.to(dtype=...) for a new shadow dtype."
+        )

@@ -1,0 +1,180 @@
+"""Decay schedules: ``callable(step) -> float`` in [0, 1].
+
+``step`` is the number of averaging steps taken before the current one (0 for the first
+averaged update after ``update_after``). Pass any of these, or your own callable, as
+``ExponentialMovingAverage(decay=...)``.
+
+- ``constant(d)``: ``d`` (TF's default).
+- ``num_updates(d)``: ``min(d, (1 + t) / (10 + t))`` (TF's ``num_updates`` rule).
+- ``warmup(d, inv_gamma, power, min_decay)``: ``clip(1 - (1 + t/inv_gamma)^-power, min_decay, d)``
+  (timm, ema-pytorch).
+- ``power_function(gamma)``: ``(1 - 1/(t+1))^(gamma+1)`` (EDM2, Karras et al. 2024).
+- ``karras(sigma_rel)``: ``power_function(gamma(sigma_rel))`` (EDM2).
+- ``cosine(base, final, T)``: ``final - (final - base) * (cos(pi t/T) + 1)/2`` (BYOL, DINO).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+__all__ = [
+    "Schedule",
+    "constant",
+    "cosine",
+    "karras",
+    "num_updates",
+    "power_function",
+    "warmup",
+]
+
+Schedule = Callable[[int], float]
+
+
+def _check_unit(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+class constant:
+    """``decay(t) = d``."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = _check_unit("constant: decay", decay)
+
+    def __call__(self, step: int) -> float:
+        return self.decay
+
+    def __repr__(self) -> str:
+        return f"constant({self.decay})"
+
+
+class num_updates:
+    """``decay(t) = min(d, (1 + t) / (10 + t))``: TF's ``num_updates`` rule as a schedule.
+
+    Equivalent to ``tf.train.ExponentialMovingAverage(d, num_updates=t)`` when ``t`` counts
+    the averaging steps. To read an external counter instead (a ``GlobalStep``), pass it as
+    ``ExponentialMovingAverage(num_updates=...)``, which also reproduces TF's float32 rounding.
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = _check_unit("num_updates: decay", decay)
+
+    def __call__(self, step: int) -> float:
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
+    def __repr__(self) -> str:
+        return f"num_updates({self.decay})"
+
+
+class warmup:
+    """``decay(t) = clip(1 - (1 + t / inv_gamma) ** -power, min_decay, decay)``.
+
+    The warm-up of timm's ``ModelEmaV3`` and ema-pytorch: 0 at the first step (a copy), then
+    rising towards ``decay``. ``power=2/3`` suits long runs, ``3/4`` shorter ones.
+    """
+
+    def __init__(
+        self, decay: float, inv_gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0
+    ) -> None:
+        self.decay = _check_unit("warmup: decay", decay)
+        self.min_decay = _check_unit("warmup: min_decay", min_decay)
+        if inv_gamma <= 0 or power <= 0:
+            raise ValueError(
+                f"warmup: inv_gamma and power must be > 0, got {inv_gamma} and {power}"
+            )
+        if self.min_decay > self.decay:
+            raise ValueError(f"warmup: min_decay {min_decay} is above decay {decay}")
+        self.inv_gamma = float(inv_gamma)
+        self.power = float(power)
+
+    def __call__(self, step: int) -> float:
+        value = 1.0 - (1.0 + step / self.inv_gamma) ** -self.power
+        return min(max(value, self.min_decay), self.decay)
+
+    def __repr__(self) -> str:
+        return (
+            f"warmup({self.decay}, inv_gamma={self.inv_gamma}, power={self.power}, "
+            f"min_decay={self.min_decay})"
+        )
+
+
+class power_function:
+    """``decay(t) = (1 - 1 / (t + 1)) ** (gamma + 1)``: EDM2's power-function EMA.
+
+    The average then weighs the step-``tau`` weights proportionally to ``tau ** gamma``, so
+    its length grows with training. The first step copies (``decay(0) = 0``).
+    """
+
+    def __init__(self, gamma: float) -> None:
+        if gamma <= 0:
+            raise ValueError(f"power_function: gamma must be > 0, got {gamma}")
+        self.gamma = float(gamma)
+
+    def __call__(self, step: int) -> float:
+        return (1.0 - 1.0 / (step + 1)) ** (self.gamma + 1.0)
+
+    def __repr__(self) -> str:
+        return f"power_function({self.gamma})"
+
+
+class karras(power_function):
+    """EDM2's power-function EMA given its relative width ``sigma_rel`` (e.g. 0.05 to 0.10).
+
+    ``gamma`` is the largest real root of ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0``
+    (EDM2, Algorithm 2: the std of the averaging profile relative to its length is sigma_rel).
+    """
+
+    def __init__(self, sigma_rel: float) -> None:
+        if not 0.0 < sigma_rel < 12**-0.5:
+            raise ValueError(
+                f"karras: sigma_rel must be in (0, {12**-0.5:.4f}) for gamma > 0, got {sigma_rel}"
+            )
+        self.sigma_rel = float(sigma_rel)
+        super().__init__(_sigma_rel_to_gamma(self.sigma_rel))
+
+    def __repr__(self) -> str:
+        return f"karras({self.sigma_rel})"
+
+
+def _sigma_rel_to_gamma(sigma_rel: float) -> float:
+    t = sigma_rel**-2
+    coefficients = (1.0, 7.0, 16.0 - t, 12.0 - t)
+
+    def poly(g: float) -> float:
+        return ((coefficients[0] * g + coefficients[1]) * g + coefficients[2]) * g + coefficients[3]
+
+    # The cubic is negative at 0 (t > 12) and increasing past its largest root: bisect.
+    lo, hi = 0.0, 1.0
+    while poly(hi) < 0:
+        hi *= 2
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if poly(mid) < 0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+class cosine:
+    """``decay(t) = final - (final - base) * (cos(pi * min(t, T) / T) + 1) / 2``.
+
+    BYOL's target momentum (base 0.996 rising to 1.0 over training), also DINO's teacher.
+    """
+
+    def __init__(self, base: float, final: float, total_steps: int) -> None:
+        self.base = _check_unit("cosine: base", base)
+        self.final = _check_unit("cosine: final", final)
+        if total_steps <= 0:
+            raise ValueError(f"cosine: total_steps must be > 0, got {total_steps}")
+        self.total_steps = int(total_steps)
+
+    def __call__(self, step: int) -> float:
+        progress = min(step, self.total_steps) / self.total_steps
+        return self.final - (self.final - self.base) * (math.cos(math.pi * progress) + 1) / 2
+
+    def __repr__(self) -> str:
+        return f"cosine({self.base}, {self.final}, total_steps={self.total_steps})"
