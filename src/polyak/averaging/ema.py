@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -80,14 +80,24 @@ class _Entry:
         return self.source is None
 
 
-class _Plan:
-    """The kernels of one step over a fixed list of variables, with the pointers they assume."""
+_data_ptr = torch.Tensor.data_ptr
 
-    __slots__ = ("copies", "entries", "fingerprint", "lerps")
+
+class _Plan:
+    """The kernels of one step over a fixed list of variables, with the pointers they assume.
+
+    Built once and reused while every variable still has the storage it had (one pointer
+    read per variable per step); spans come from :func:`polyak.flat.coalesce`, so a
+    flattened model costs one kernel per buffer. All tensors here are detached views, so a
+    step records nothing for autograd without entering ``no_grad``.
+    """
+
+    __slots__ = ("copies", "entries", "fingerprint", "lerps", "sources")
 
     def __init__(self, entries: list[_Entry]) -> None:
         self.entries = entries
-        self.fingerprint = [e.source.data_ptr() for e in entries]  # type: ignore[union-attr]
+        self.sources = [e.source for e in entries]
+        self.fingerprint = list(map(_data_ptr, self.sources))
         groups: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for e in entries:
             src = e.source
@@ -105,8 +115,7 @@ class _Plan:
             (self.lerps if average else self.copies).append((s_spans, v_spans, cast))
 
     def is_current(self) -> bool:
-        current = [e.source.data_ptr() for e in self.entries]  # type: ignore[union-attr]
-        return current == self.fingerprint
+        return list(map(_data_ptr, self.sources)) == self.fingerprint
 
 
 class ExponentialMovingAverage:
@@ -197,6 +206,12 @@ class ExponentialMovingAverage:
         self._by_id: dict[int, _Entry] = {}
         self._plans: dict[tuple[str, ...] | None, _Plan] = {}
         self._step = 0
+        # 1 - decay when it never changes (a float decay, no num_updates): computed once.
+        self._fixed_one_minus: float | None = None
+        if self._schedule is None and num_updates is None:
+            fixed = self._decay_at(0)
+            assert isinstance(fixed, float)
+            self._fixed_one_minus = _f32(1.0 - fixed)
 
     # ------------------------------------------------------------------ public API
 
@@ -231,8 +246,10 @@ class ExponentialMovingAverage:
 
     def update(self) -> None:
         """One step for every tracked variable, reading its current value."""
-        variables = [e for e in self._entries.values() if not e.is_value]
-        self._advance(variables, None, [])
+        plan = self._plans.get(None)
+        if plan is None or not plan.is_current():
+            plan = self._plan(None, [e for e in self._entries.values() if not e.is_value])
+        self._step_plan(plan, ())
 
     def average(self, var: torch.Tensor | str) -> torch.Tensor | None:
         """The shadow of ``var`` (a tracked tensor or its name), or ``None``."""
@@ -646,60 +663,75 @@ class ExponentialMovingAverage:
             d = d**self.update_every if isinstance(d, torch.Tensor) else _f32(d**self.update_every)
         return d
 
+    def _plan(self, key: tuple[str, ...] | None, variables: list[_Entry]) -> _Plan:
+        """A fresh plan for ``variables``, after checking they still fit their shadows."""
+        for e in variables:
+            _check_unchanged(e, e.source)  # type: ignore[arg-type]
+        plan = self._plans[key] = _Plan(variables)
+        return plan
+
     def _advance(
         self,
         variables: list[_Entry],
-        key: tuple[str, ...] | None,
+        key: tuple[str, ...],
         values: list[tuple[_Entry, torch.Tensor]],
     ) -> None:
-        """One step (copy, skip or average) over the given entries."""
+        """One step over the given variables and values."""
         plan = self._plans.get(key)
         if plan is None or not plan.is_current():
-            for e in variables:
-                _check_unchanged(e, e.source)  # type: ignore[arg-type]
-            plan = self._plans[key] = _Plan(variables)
+            plan = self._plan(key, variables)
         for entry, value in values:
             _check_unchanged(entry, value)
+        self._step_plan(plan, values)
+
+    def _step_plan(
+        self, plan: _Plan, values: Sequence[tuple[_Entry, torch.Tensor]]
+    ) -> None:
+        """Copy, skip or average, as the step counter says; then count the step."""
         t = self._step - self.update_after
         if t < 0:
             self._copy_step(plan, values)
-        elif (t + 1) % self.update_every == 0:
-            self._average_step(plan, values, self._decay_at(t))
+        elif self.update_every == 1 or (t + 1) % self.update_every == 0:
+            one_minus = self._fixed_one_minus
+            if one_minus is None:
+                decay = self._decay_at(t)
+                one_minus = (
+                    1.0 - decay if isinstance(decay, torch.Tensor) else _f32(1.0 - decay)
+                )
+            self._average_step(plan, values, one_minus)
         self._step += 1
 
-    def _copy_step(self, plan: _Plan, values: list[tuple[_Entry, torch.Tensor]]) -> None:
-        with torch.no_grad():
-            for shadows, sources, _ in plan.lerps + plan.copies:
-                _copy_spans(shadows, sources)
-            for entry, value in values:
-                entry.shadow.copy_(value.detach())
-                if entry.biased is not None:
-                    # Debiasing restarts with the first averaged step.
-                    entry.biased.zero_()
-                    entry.local_step = 0
+    def _copy_step(self, plan: _Plan, values: Sequence[tuple[_Entry, torch.Tensor]]) -> None:
+        for shadows, sources, _ in plan.lerps + plan.copies:
+            _copy_spans(shadows, sources)
+        for entry, value in values:
+            entry.shadow.copy_(value.detach())
+            if entry.biased is not None:
+                # Debiasing restarts with the first averaged step.
+                entry.biased.zero_()
+                entry.local_step = 0
 
+    @staticmethod
     def _average_step(
-        self,
         plan: _Plan,
-        values: list[tuple[_Entry, torch.Tensor]],
-        decay: float | torch.Tensor,
+        values: Sequence[tuple[_Entry, torch.Tensor]],
+        one_minus: float | torch.Tensor,
     ) -> None:
-        one_minus = 1.0 - decay if isinstance(decay, torch.Tensor) else _f32(1.0 - decay)
-        with torch.no_grad():
-            for shadows, sources, cast in plan.lerps:
-                if cast:
-                    sources = [
-                        v.to(device=s.device, dtype=s.dtype) for s, v in zip(shadows, sources)
-                    ]
-                if isinstance(one_minus, torch.Tensor):
-                    weight = one_minus.to(device=shadows[0].device, dtype=shadows[0].dtype)
-                    torch._foreach_lerp_(shadows, sources, [weight] * len(shadows))
-                else:
-                    torch._foreach_lerp_(shadows, sources, one_minus)
-            for shadows, sources, _ in plan.copies:
-                _copy_spans(shadows, sources)
-            for entry, value in values:
-                _average_value(entry, value, one_minus)
+        """``shadow = lerp(shadow, value, 1 - decay)`` for each span; values as TF."""
+        for shadows, sources, cast in plan.lerps:
+            if cast:
+                sources = [v.to(device=s.device, dtype=s.dtype) for s, v in zip(shadows, sources)]
+            if isinstance(one_minus, torch.Tensor):
+                weight = one_minus.to(device=shadows[0].device, dtype=shadows[0].dtype)
+                torch._foreach_lerp_(shadows, sources, [weight] * len(shadows))
+            elif len(shadows) == 1:
+                shadows[0].lerp_(sources[0], one_minus)
+            else:
+                torch._foreach_lerp_(shadows, sources, one_minus)
+        for shadows, sources, _ in plan.copies:
+            _copy_spans(shadows, sources)
+        for entry, value in values:
+            _average_value(entry, value, one_minus)
 
 
 def _average_value(entry: _Entry, value: torch.Tensor, one_minus: float | torch.Tensor) -> None:
