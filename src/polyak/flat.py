@@ -99,6 +99,8 @@ def _attach_grad_slot(param: nn.Parameter, slot: torch.Tensor) -> None:
         # accumulates in place otherwise; only the first case needs moving.
         if grad is None or grad.is_sparse or grad.data_ptr() == slot.data_ptr():
             return
+        if grad.requires_grad:
+            return  # backward(create_graph=True): the gradient's graph must survive
         if grad.shape != slot.shape or grad.dtype != slot.dtype or grad.device != slot.device:
             return
         with torch.no_grad():

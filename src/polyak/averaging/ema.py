@@ -233,8 +233,9 @@ class ExponentialMovingAverage:
         get a shadow equal to their value, new values (tensors that are not variables) a
         zero shadow. Entries tracked earlier but not listed are left alone, as in TF.
         """
+        one_minus = self._next_weight()
         variables, values = self._prepare(var_list)
-        self._advance(variables, tuple(e.name for e in variables), values)
+        self._advance(variables, tuple(e.name for e in variables), values, one_minus)
 
     def track(self, var_list: VarList) -> None:
         """Create shadows for the new entries of ``var_list`` without taking a step.
@@ -249,7 +250,7 @@ class ExponentialMovingAverage:
         plan = self._plans.get(None)
         if plan is None or not plan.is_current():
             plan = self._plan(None, [e for e in self._entries.values() if not e.is_value])
-        self._step_plan(plan, ())
+        self._step_plan(plan, (), self._next_weight())
 
     def average(self, var: torch.Tensor | str) -> torch.Tensor | None:
         """The shadow of ``var`` (a tracked tensor or its name), or ``None``."""
@@ -273,9 +274,9 @@ class ExponentialMovingAverage:
 
         Restoring a checkpoint through this map loads each shadow into its variable::
 
-            saved = ema.state_dict()["averages"]   # or any {"<var>/<name>": tensor} file
+            saved = {ema.average_name(n): t for n, t in ema.state_dict()["averages"].items()}
             for key, var in ema.variables_to_restore().items():
-                var.data.copy_(saved_by_average_name[key])
+                var.data.copy_(saved[key])
         """
         return {
             f"{e.name}/{self.name}": e.source
@@ -413,6 +414,24 @@ class ExponentialMovingAverage:
                     f"load_state_dict: '{name}' is {kind} in the state dict but not here"
                 )
             loads.append((entry, saved))
+        for name, state in values.items():
+            biased = state.get("biased") if isinstance(state, Mapping) else None
+            local_step = state.get("local_step", 0) if isinstance(state, Mapping) else None
+            shape = averages[name].shape if isinstance(averages.get(name), torch.Tensor) else None
+            if (
+                shape is None
+                or isinstance(local_step, bool)
+                or not isinstance(local_step, int)
+                or local_step < 0
+                or not (
+                    biased is None or (isinstance(biased, torch.Tensor) and biased.shape == shape)
+                )
+            ):
+                raise ValueError(
+                    f"load_state_dict: the debias state of value '{name}' does not fit: expected "
+                    "{'local_step': int >= 0, 'biased': tensor shaped like its average} and an "
+                    f"entry in 'averages', got {state!r}"
+                )
         # Everything is checked: from here on the EMA changes.
         for entry in self._track([(n, t, True, True) for n, t in creates]):
             loads.append((entry, averages[entry.name]))
@@ -675,6 +694,7 @@ class ExponentialMovingAverage:
         variables: list[_Entry],
         key: tuple[str, ...],
         values: list[tuple[_Entry, torch.Tensor]],
+        one_minus: float | torch.Tensor | None,
     ) -> None:
         """One step over the given variables and values."""
         plan = self._plans.get(key)
@@ -682,23 +702,32 @@ class ExponentialMovingAverage:
             plan = self._plan(key, variables)
         for entry, value in values:
             _check_unchanged(entry, value)
-        self._step_plan(plan, values)
+        self._step_plan(plan, values, one_minus)
+
+    def _next_weight(self) -> float | torch.Tensor | None:
+        """What this call does: ``None`` copies or skips (see :meth:`_step_plan`), otherwise
+        the lerp weight ``1 - decay``. Computed before anything changes, so a schedule that
+        returns a bad decay leaves the EMA as it was."""
+        t = self._step - self.update_after
+        if t < 0 or not (self.update_every == 1 or (t + 1) % self.update_every == 0):
+            return None
+        if self._fixed_one_minus is not None:
+            return self._fixed_one_minus
+        decay = self._decay_at(t)
+        return 1.0 - decay if isinstance(decay, torch.Tensor) else _f32(1.0 - decay)
 
     def _step_plan(
-        self, plan: _Plan, values: Sequence[tuple[_Entry, torch.Tensor]]
+        self,
+        plan: _Plan,
+        values: Sequence[tuple[_Entry, torch.Tensor]],
+        one_minus: float | torch.Tensor | None,
     ) -> None:
-        """Copy, skip or average, as the step counter says; then count the step."""
-        t = self._step - self.update_after
-        if t < 0:
-            self._copy_step(plan, values)
-        elif self.update_every == 1 or (t + 1) % self.update_every == 0:
-            one_minus = self._fixed_one_minus
-            if one_minus is None:
-                decay = self._decay_at(t)
-                one_minus = (
-                    1.0 - decay if isinstance(decay, torch.Tensor) else _f32(1.0 - decay)
-                )
+        """Average with weight ``one_minus``, or copy (before ``update_after``), or skip (between
+        ``update_every`` calls); then count the step."""
+        if one_minus is not None:
             self._average_step(plan, values, one_minus)
+        elif self._step < self.update_after:
+            self._copy_step(plan, values)
         self._step += 1
 
     def _copy_step(self, plan: _Plan, values: Sequence[tuple[_Entry, torch.Tensor]]) -> None:

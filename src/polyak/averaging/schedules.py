@@ -1,8 +1,9 @@
 """Decay schedules: ``callable(step) -> float`` in [0, 1].
 
-``step`` is the number of averaging steps taken before the current one (0 for the first
-averaged update after ``update_after``). Pass any of these, or your own callable, as
-``ExponentialMovingAverage(decay=...)``.
+``step`` counts the calls to ``apply``/``update`` since averaging began: 0 for the first
+call after the ``update_after`` copies (with ``update_every=k`` the schedule is read on
+every ``k``-th call, at ``step = k-1, 2k-1, ...``, as ema-pytorch does). Pass any of these,
+or your own callable, as ``ExponentialMovingAverage(decay=...)``.
 
 - ``constant(d)``: ``d`` (TF's default).
 - ``num_updates(d)``: ``min(d, (1 + t) / (10 + t))`` (TF's ``num_updates`` rule).
@@ -91,6 +92,8 @@ class warmup:
         self.power = float(power)
 
     def __call__(self, step: int) -> float:
+        if step <= 0:
+            return 0.0  # the first averaged step copies, whatever min_decay (as timm)
         value = 1.0 - (1.0 + step / self.inv_gamma) ** -self.power
         return min(max(value, self.min_decay), self.decay)
 
