@@ -138,6 +138,10 @@ class ExponentialMovingAverage:
         device: where shadows live (e.g. ``"cpu"`` to keep them off the accelerator).
         buffers: a module's persistent buffers: ``"average"`` floating ones (integer ones are
             copied), ``"copy"`` all, or ``"ignore"``.
+        exact_tf: update variables with TF's op sequence ``v -= (v - value) * (1 - decay)``,
+            each op rounded on its own, which is bitwise TF's float32 result. The default
+            fused lerp rounds once (it is the more accurate of the two) and runs at the memory
+            roofline, but may differ from TF by an ulp per step. Values always use TF's ops.
 
     TF equivalent: ``tf.train.ExponentialMovingAverage(decay, num_updates, zero_debias, name)``;
     ``apply`` creates the shadows and takes one step, ``update()`` is running the returned op.
@@ -156,6 +160,7 @@ class ExponentialMovingAverage:
         shadow_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         buffers: BufferPolicy = "average",
+        exact_tf: bool = False,
     ) -> None:
         if callable(decay):
             self._schedule: Callable[[int], float] | None = decay
@@ -202,6 +207,7 @@ class ExponentialMovingAverage:
         self.shadow_dtype = shadow_dtype
         self.device = torch.device(device) if device is not None else None
         self.buffers: BufferPolicy = buffers
+        self.exact_tf = bool(exact_tf)
         self._entries: dict[str, _Entry] = {}
         self._by_id: dict[int, _Entry] = {}
         self._plans: dict[tuple[str, ...] | None, _Plan] = {}
@@ -740,8 +746,8 @@ class ExponentialMovingAverage:
                 entry.biased.zero_()
                 entry.local_step = 0
 
-    @staticmethod
     def _average_step(
+        self,
         plan: _Plan,
         values: Sequence[tuple[_Entry, torch.Tensor]],
         one_minus: float | torch.Tensor,
@@ -750,13 +756,19 @@ class ExponentialMovingAverage:
         for shadows, sources, cast in plan.lerps:
             if cast:
                 sources = [v.to(device=s.device, dtype=s.dtype) for s, v in zip(shadows, sources)]
+            weight: float | list[torch.Tensor] = one_minus  # type: ignore[assignment]
             if isinstance(one_minus, torch.Tensor):
-                weight = one_minus.to(device=shadows[0].device, dtype=shadows[0].dtype)
-                torch._foreach_lerp_(shadows, sources, [weight] * len(shadows))
-            elif len(shadows) == 1:
-                shadows[0].lerp_(sources[0], one_minus)
+                w = one_minus.to(device=shadows[0].device, dtype=shadows[0].dtype)
+                weight = [w] * len(shadows)
+            if self.exact_tf:
+                # TF's op sequence: v -= (v - value) * (1 - decay), each op rounded on its own.
+                diff = torch._foreach_sub(shadows, sources)
+                torch._foreach_mul_(diff, weight)
+                torch._foreach_sub_(shadows, diff)
+            elif len(shadows) == 1 and not isinstance(weight, list):
+                shadows[0].lerp_(sources[0], weight)
             else:
-                torch._foreach_lerp_(shadows, sources, one_minus)
+                torch._foreach_lerp_(shadows, sources, weight)
         for shadows, sources, _ in plan.copies:
             _copy_spans(shadows, sources)
         for entry, value in values:
