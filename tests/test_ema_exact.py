@@ -1,4 +1,4 @@
-"""exact_tf=True: variables follow TF's op sequence, bitwise equal to a float32 re-implementation."""
+"""exact_tf=True: variables follow TF's op sequence, bitwise equal to float32 TF."""
 
 import numpy as np
 import pytest
