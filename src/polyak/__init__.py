@@ -11,14 +11,34 @@ from polyak.averaging import (
     schedules,
 )
 from polyak.flat import flatten_parameters_
+from polyak.gradients import (  # binds polyak.gradients to the function, not the subpackage
+    GlobalStep,
+    Optimizer,
+    clip_by_global_norm,
+    clip_by_norm,
+    clip_by_value,
+    global_norm,
+    gradients,
+    stop_gradient,
+    transforms,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ExponentialMovingAverage",
+    "GlobalStep",
     "IncompatibleKeys",
+    "Optimizer",
     "TargetNetwork",
     "__version__",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
     "flatten_parameters_",
+    "global_norm",
+    "gradients",
     "schedules",
+    "stop_gradient",
+    "transforms",
 ]

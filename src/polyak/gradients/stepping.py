@@ -1,0 +1,281 @@
+"""Stepping a torch optimizer on given gradients: on flat buffers when it can, with an
+on-device undo for vetoed steps.
+
+Flat path. When every parameter of a param group has a gradient and the parameters and
+gradients lie back to back in memory (:func:`polyak.flatten_parameters_`), the group is stepped
+by a *twin*: an instance of the inner optimizer's class whose parameters are the contiguous
+runs (one tensor per buffer). Its state tensors are flat too, and the inner optimizer's
+per-parameter state entries are made *views* into them (0-dim entries such as Adam's ``step``
+are the same tensor object), so ``inner.state`` stays the one source of truth and either
+path can take the next step. Hyper-parameters are copied from ``inner.param_groups`` before
+every twin step, so LR schedulers attached to the inner optimizer work as usual. Only
+optimizers whose update is elementwise are twinned (SGD, Adam, AdamW, without
+``differentiable``): the twin then computes exactly the same numbers as the inner optimizer
+over the same implementation (for-loop, foreach or fused), just in fewer kernels.
+
+Anything else falls back to ``inner.step()`` on the original parameters: a parameter without
+a gradient, memory that is no longer contiguous, a new ``inner.state`` (``load_state_dict``).
+A group leaving the flat path first gets private copies of its shared 0-dim state; it comes
+back when its parameters' scalar state agrees again (checked once, on the host, which syncs
+if that state lives on an accelerator: capturable or fused optimizers).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from polyak.flat import coalesce
+
+__all__ = ["InnerStepper"]
+
+_TWINNABLE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+_NOT_HYPER = ("params", "param_names")
+
+
+class _Twin:
+    """A flat stand-in for param group ``index``: its runs, their optimizer, the layout key."""
+
+    def __init__(self, inner: torch.optim.Optimizer, index: int, runs: list[torch.Tensor]) -> None:
+        group = inner.param_groups[index]
+        self.index = index
+        self.key = _layout(runs)
+        self.runs = [r.detach() for r in runs]
+        accepted = inspect.signature(type(inner)).parameters
+        hyper = {k: v for k, v in group.items() if k in accepted and k not in _NOT_HYPER}
+        self.opt = type(inner)(self.runs, **hyper)
+        # The group's params in each run, in order.
+        self.members: list[list[torch.Tensor]] = []
+        params = iter(group["params"])
+        for run in runs:
+            ms, n = [], 0
+            while n < run.numel():
+                ms.append(next(params))
+                n += ms[-1].numel()
+            self.members.append(ms)
+        self.members[-1] += list(params)  # trailing empty parameters, if any
+
+
+def _layout(runs: Sequence[torch.Tensor]) -> tuple:
+    return tuple((r.data_ptr(), r.numel(), r.dtype, r.device) for r in runs)
+
+
+class InnerStepper:
+    """Steps ``inner`` with given gradients (see the module docstring)."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.inner = inner
+        self.flat = type(inner) in _TWINNABLE
+        self._twins: dict[int, _Twin] = {}
+        self._failed: dict[int, tuple] = {}  # group -> layout whose state could not be merged
+        self._state_obj: object = inner.state
+
+    def reset(self) -> None:
+        """Forget the flat twins (after ``inner.state`` was replaced)."""
+        self._twins.clear()
+        self._failed.clear()
+        self._state_obj = self.inner.state
+
+    def step(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        skip: torch.Tensor | None,
+    ) -> None:
+        """One optimizer step of ``params`` with ``grads``; other parameters do not move.
+
+        With ``skip`` (0-dim bool), parameters and optimizer state are put back where it is
+        true, without leaving the device.
+        """
+        inner = self.inner
+        if self._state_obj is not inner.state:
+            self.reset()
+        given = {id(p): g for p, g in zip(params, grads)}
+        twinned: list[tuple[_Twin, list[torch.Tensor]]] = []  # (twin, gradient runs)
+        # What the step changes: (tensor, its optimizer state) for the undo of a vetoed step.
+        stepped: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        bound: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (param, .grad to restore)
+        for gi, group in enumerate(inner.param_groups):
+            gs = [given.get(id(p)) for p in group["params"]]
+            found = self._flat_twin(gi, gs) if self.flat else None
+            if found is not None:
+                twinned.append(found)
+                stepped += [(r, found[0].opt.state) for r in found[0].runs]
+            else:
+                self._retire(gi)
+            for p, g in zip(group["params"], gs):
+                g = None if found is not None else g  # the twin steps these, not inner
+                if g is not None:
+                    stepped.append((p, inner.state))
+                if p.grad is not g:
+                    bound.append((p, p.grad))
+                    p.grad = g
+        try:
+            undo, fresh = _snapshot(stepped) if skip is not None else ([], [])
+            if skip is not None and any(t.device != skip.device for t, _ in undo):
+                # State on another device (e.g. Adam's CPU step count when not capturable):
+                # a where() cannot reach it, so the host decides (one sync per step).
+                if bool(skip):
+                    return
+                undo, fresh, skip = [], [], None
+            for twin, grad_runs in twinned:
+                self._step_twin(twin, grad_runs)
+            # Always called, also when twins did all the work: step hooks and LR schedulers
+            # watch it, and with no .grad set it touches nothing.
+            inner.step()
+            for t, old in undo:
+                t.copy_(torch.where(skip, old, t))  # type: ignore[arg-type]
+            if any(state.get(t) for t, state in fresh) and bool(skip):
+                # This step created optimizer state (a first step): a vetoed one must not
+                # leave it behind. Deleting is a host decision: one sync, on first steps only.
+                self._drop_state(fresh, twinned)
+        finally:
+            for p, g in reversed(bound):
+                p.grad = g
+
+    def _drop_state(
+        self,
+        fresh: list[tuple[torch.Tensor, dict]],
+        twinned: list[tuple[_Twin, list[torch.Tensor]]],
+    ) -> None:
+        for t, state in fresh:
+            state.pop(t, None)
+        for twin, _ in twinned:
+            for run, members in zip(twin.runs, twin.members):
+                if run not in twin.opt.state:
+                    for p in members:
+                        self.inner.state.pop(p, None)
+
+    # ------------------------------------------------------------------ flat twins
+
+    def _flat_twin(
+        self, gi: int, gs: list[torch.Tensor | None]
+    ) -> tuple[_Twin, list[torch.Tensor]] | None:
+        """The twin that can step group ``gi`` with gradients ``gs`` and the gradient runs."""
+        group = self.inner.param_groups[gi]
+        if group.get("differentiable") or any(g is None or g.is_sparse for g in gs):
+            return None
+        members = group["params"]
+        if group.get("fused") and members[0].device.type == "cpu":
+            # The CPU fused kernels round vector lanes and loop tails differently, so results
+            # would depend on where a tensor starts in the buffer: keep them per tensor.
+            return None
+        runs, grad_runs = coalesce(members, gs)  # type: ignore[arg-type]
+        if len(runs) == len(members):
+            return None  # nothing merged: the inner optimizer is as fast
+        key = _layout(runs)
+        twin = self._twins.get(gi)
+        if twin is not None and twin.key == key:
+            return twin, grad_runs
+        self._retire(gi)
+        if self._failed.get(gi) == key:
+            return None
+        twin = self._build(gi, runs)
+        if twin is None:
+            self._failed[gi] = key
+            return None
+        self._twins[gi] = twin
+        return twin, grad_runs
+
+    def _build(self, gi: int, runs: list[torch.Tensor]) -> _Twin | None:
+        """A twin over ``runs``, its state merged from the members' (None if they disagree)."""
+        twin = _Twin(self.inner, gi, runs)
+        for run, members in zip(twin.runs, twin.members):
+            states = [self.inner.state.get(p, {}) for p in members]
+            if not any(states):
+                continue  # fresh: the twin's first step creates it
+            merged = _merge_state(states, members)
+            if merged is None:
+                return None
+            twin.opt.state[run] = merged
+            self._alias(merged, members)
+        return twin
+
+    def _step_twin(self, twin: _Twin, grad_runs: list[torch.Tensor]) -> None:
+        tgroup = twin.opt.param_groups[0]
+        for k, v in self.inner.param_groups[twin.index].items():
+            if k not in _NOT_HYPER:
+                tgroup[k] = v
+        fresh = [run not in twin.opt.state for run in twin.runs]
+        for run, g in zip(twin.runs, grad_runs):
+            run.grad = g
+        try:
+            twin.opt.step()
+        finally:
+            for run in twin.runs:
+                run.grad = None
+        for run, members, new in zip(twin.runs, twin.members, fresh):
+            if new:
+                self._alias(twin.opt.state[run], members)
+
+    def _alias(self, flat_state: dict[str, Any], members: list[torch.Tensor]) -> None:
+        """Make ``inner.state[p]`` entries views of ``flat_state`` (0-dim ones: the same tensor)."""
+        total = sum(p.numel() for p in members)
+        offset = 0
+        for p in members:
+            n = p.numel()
+            self.inner.state[p] = {
+                k: v[offset : offset + n].view(p.shape)
+                if isinstance(v, torch.Tensor) and v.ndim == 1 and v.numel() == total
+                else v
+                for k, v in flat_state.items()
+            }
+            offset += n
+
+    def _retire(self, gi: int) -> None:
+        """Take group ``gi`` off the flat path: its params get private 0-dim state."""
+        twin = self._twins.pop(gi, None)
+        if twin is None:
+            return
+        for members in twin.members:
+            for p in members:
+                entry = self.inner.state.get(p, {})
+                for k, v in entry.items():
+                    if isinstance(v, torch.Tensor) and v.ndim == 0:
+                        entry[k] = v.clone()
+
+
+def _snapshot(
+    stepped: list[tuple[torch.Tensor, dict[str, Any]]],
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, dict]]]:
+    """Copies of the tensors and existing state a step changes, and the stepped tensors that
+    have no state yet."""
+    undo, fresh = [], []
+    for t, state in stepped:
+        entry = state.get(t)
+        if not entry:
+            fresh.append((t, state))
+        targets = [t.detach()]
+        targets += [v for v in (entry or {}).values() if isinstance(v, torch.Tensor)]
+        undo += [(v, v.clone()) for v in targets]
+    return undo, fresh
+
+
+def _merge_state(
+    states: list[dict[str, Any]], members: list[torch.Tensor]
+) -> dict[str, Any] | None:
+    """One flat state from the members' states, or None when they cannot be one."""
+    keys = states[0].keys()
+    if any(s.keys() != keys for s in states):
+        return None
+    merged: dict[str, Any] = {}
+    for k in keys:
+        values = [s[k] for s in states]
+        first = values[0]
+        if isinstance(first, torch.Tensor) and first.ndim > 0:
+            if any(v.shape != p.shape for v, p in zip(values, members)):
+                return None
+            merged[k] = torch.cat([v.reshape(-1) for v in values])
+        elif isinstance(first, torch.Tensor):
+            # Shared 0-dim state (Adam's step) must agree; comparing device values syncs.
+            if any(not isinstance(v, torch.Tensor) or not torch.equal(v, first) for v in values):
+                return None
+            merged[k] = first.clone()
+        else:
+            if any(v != first for v in values):
+                return None
+            merged[k] = first
+    return merged
