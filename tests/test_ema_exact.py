@@ -74,3 +74,33 @@ def test_target_network_passes_exact_tf():
     target.update()
     expected = tf_assign_moving_average(w0, net.weight.detach().numpy(), 1 - 0.001)
     np.testing.assert_array_equal(target.module.weight.detach().numpy(), expected)
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.99, 0.999, 0.75])
+def test_global_step_around_saturation_bitwise(decay):
+    """Past some count TF's rule stops lowering the decay; polyak then skips the float32
+    arithmetic. The weights on both sides of that count must still be TF's."""
+    threshold = (10 * decay - 1) / (1 - decay)
+    gen = torch.Generator().manual_seed(3)
+    p = nn.Parameter(torch.randn(256, generator=gen))
+    step = GlobalStep(max(0, int(threshold) - 6))
+    ema = polyak.ExponentialMovingAverage(decay, num_updates=step, exact_tf=True)
+    ema.apply([p])
+    shadow = p.detach().numpy().copy()
+    for _ in range(12):
+        with torch.no_grad():
+            p.add_(torch.randn(256, generator=gen))
+        expected = tf_assign_moving_average(shadow, p.detach().numpy(), decay, step.value)
+        ema.update()
+        np.testing.assert_array_equal(ema.average(p).numpy(), expected)
+        shadow = expected
+        step.increment()
+
+
+def test_num_updates_ratio_matches_float32_for_large_counts():
+    from polyak.averaging.ema import _num_updates_ratio
+
+    for n in [0, 1, 9, 10**6, 2**24 - 17, 2**24 - 1, 2**24 + 1, 2**31 + 12345]:
+        n32 = np.float32(n)
+        expected = (np.float32(1.0) + n32) / (np.float32(10.0) + n32)
+        assert _num_updates_ratio(n) == float(expected), n

@@ -54,6 +54,30 @@ def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
+# Below this, n, 1 + n and 10 + n are exact in float32.
+_F32_EXACT_INT = 2**24 - 16
+
+
+def _num_updates_ratio(n: int) -> float:
+    """TF's ``(1.0 + n) / (10.0 + n)`` with ``n`` cast to float32, in float32."""
+    if 0 <= n < _F32_EXACT_INT:
+        # Exact operands: one float64 division rounded to float32 is float32's division.
+        return _f32((1.0 + n) / (10.0 + n))
+    n32 = _f32(float(n))
+    return _f32(_f32(1.0 + n32) / _f32(10.0 + n32))
+
+
+def _num_updates_saturation(decay32: float) -> int | None:
+    """The least ``n`` from which ``_num_updates_ratio(n) >= decay32`` (it is non-decreasing
+    below ``_F32_EXACT_INT``), or ``None`` if there is none below that bound."""
+    if decay32 >= 1.0:
+        return None
+    n = max(0, int((10.0 * decay32 - 1.0) / (1.0 - decay32)) - 2)
+    while n < _F32_EXACT_INT and _num_updates_ratio(n) < decay32:
+        n += 1
+    return n if n < _F32_EXACT_INT else None
+
+
 class _Entry:
     """One tracked tensor: its shadow, where it comes from, and how it is updated."""
 
@@ -92,7 +116,7 @@ class _Plan:
     step records nothing for autograd without entering ``no_grad``.
     """
 
-    __slots__ = ("copies", "entries", "fingerprint", "lerps", "sources")
+    __slots__ = ("copies", "entries", "fingerprint", "lerps", "single", "sources")
 
     def __init__(self, entries: list[_Entry]) -> None:
         self.entries = entries
@@ -113,6 +137,12 @@ class _Plan:
             s_spans, v_spans = coalesce(shadows, sources)
             cast = s_dev != v_dev or s_dtype != v_dtype
             (self.lerps if average else self.copies).append((s_spans, v_spans, cast))
+        # The common case after flatten_parameters_: the whole step is one lerp_ of two spans.
+        self.single: tuple[torch.Tensor, torch.Tensor] | None = None
+        if not self.copies and len(self.lerps) == 1:
+            s_spans, v_spans, cast = self.lerps[0]
+            if len(s_spans) == 1 and not cast:
+                self.single = (s_spans[0], v_spans[0])
 
     def is_current(self) -> bool:
         return list(map(_data_ptr, self.sources)) == self.fingerprint
@@ -212,12 +242,16 @@ class ExponentialMovingAverage:
         self._by_id: dict[int, _Entry] = {}
         self._plans: dict[tuple[str, ...] | None, _Plan] = {}
         self._step = 0
-        # 1 - decay when it never changes (a float decay, no num_updates): computed once.
+        # 1 - decay is computed once when it cannot change (a float decay, num_updates None or
+        # an int), and TF's num_updates rule stops lowering a fixed decay once the counter
+        # passes a threshold: from there on a GlobalStep needs no float32 arithmetic either.
         self._fixed_one_minus: float | None = None
-        if self._schedule is None and num_updates is None:
-            fixed = self._decay_at(0)
-            assert isinstance(fixed, float)
-            self._fixed_one_minus = _f32(1.0 - fixed)
+        self._saturated_from: int | None = None
+        if self._schedule is None and not isinstance(num_updates, (torch.Tensor, GlobalStep)):
+            self._fixed_one_minus = self._one_minus(self._decay_at(0))  # type: ignore[arg-type]
+        elif self._schedule is None and isinstance(num_updates, GlobalStep):
+            self._saturated_from = _num_updates_saturation(_f32(self._decay))
+            self._saturated_one_minus = self._one_minus(self._compounded(_f32(self._decay)))
 
     # ------------------------------------------------------------------ public API
 
@@ -256,7 +290,13 @@ class ExponentialMovingAverage:
         plan = self._plans.get(None)
         if plan is None or not plan.is_current():
             plan = self._plan(None, [e for e in self._entries.values() if not e.is_value])
-        self._step_plan(plan, (), self._next_weight())
+        one_minus = self._next_weight()
+        single = plan.single
+        if single is not None and type(one_minus) is float and not self.exact_tf:
+            single[0].lerp_(single[1], one_minus)  # the hot path, without further calls
+            self._step += 1
+            return
+        self._step_plan(plan, (), one_minus)
 
     def average(self, var: torch.Tensor | str) -> torch.Tensor | None:
         """The shadow of ``var`` (a tracked tensor or its name), or ``None``."""
@@ -682,11 +722,8 @@ class ExponentialMovingAverage:
             nf = n.detach().to(torch.float32)
             d = torch.clamp((1.0 + nf) / (10.0 + nf), max=d)
         elif n is not None:
-            nf32 = _f32(float(int(n)))
-            d = min(d, _f32(_f32(1.0 + nf32) / _f32(10.0 + nf32)))  # type: ignore[type-var]
-        if self.update_every > 1 and self.compound_decay:
-            d = d**self.update_every if isinstance(d, torch.Tensor) else _f32(d**self.update_every)
-        return d
+            d = min(d, _num_updates_ratio(int(n)))  # type: ignore[type-var]
+        return self._compounded(d)
 
     def _plan(self, key: tuple[str, ...] | None, variables: list[_Entry]) -> _Plan:
         """A fresh plan for ``variables``, after checking they still fit their shadows."""
@@ -719,8 +756,24 @@ class ExponentialMovingAverage:
             return None
         if self._fixed_one_minus is not None:
             return self._fixed_one_minus
-        decay = self._decay_at(t)
+        if self._saturated_from is not None and (
+            self._saturated_from <= int(self._num_updates) < _F32_EXACT_INT  # type: ignore[arg-type]
+        ):
+            return self._saturated_one_minus
+        return self._one_minus(self._decay_at(t))
+
+    @staticmethod
+    def _one_minus(decay: float | torch.Tensor) -> float | torch.Tensor:
+        """The lerp weight ``1 - decay``, rounded to float32 as TF's ``1.0 - decay`` op."""
         return 1.0 - decay if isinstance(decay, torch.Tensor) else _f32(1.0 - decay)
+
+    def _compounded(self, decay: float | torch.Tensor) -> float | torch.Tensor:
+        """``decay ** update_every`` when compounding, else ``decay``."""
+        if self.update_every == 1 or not self.compound_decay:
+            return decay
+        if isinstance(decay, torch.Tensor):
+            return decay**self.update_every
+        return _f32(decay**self.update_every)
 
     def _step_plan(
         self,
