@@ -24,7 +24,7 @@ test: setup lint
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) examples/ema_demo.py
+	$(PY) -m polyak train ddpg --env Pendulum-v1 --preset zoo --total-steps 20000 --seed 0 --run-dir runs/demo
 
 # Benchmarks compare against the anchor packages installed from the registry.
 # timm goes in without dependencies: its torchvision does not import beside this torch build,

@@ -1,0 +1,170 @@
+"""The ``polyak`` command line: ``polyak train | eval | plot``.
+
+    polyak train {ddpg,td3,dqn} --env ID --total-steps N --seed S --run-dir DIR
+                 [--preset paper|zoo] [--set KEY=VALUE ...]
+    polyak eval DIR [--episodes K]
+    polyak plot DIR [DIR ...] -o out.png
+
+``train`` on a directory that already has a checkpoint resumes it (same command, same config);
+a directory made with a different configuration is refused with the differing keys.
+The RL commands need the ``rl`` extra (gymnasium, numpy, rich); ``plot`` needs ``plot``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _require_rl() -> None:
+    try:
+        import gymnasium  # noqa: F401
+        import rich  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(
+            f"polyak: the RL commands need the 'rl' extra ({exc.name} is missing): "
+            "pip install 'polyak[rl]'"
+        ) from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    _require_rl()
+    from polyak.rl.config import config_class, parse_overrides
+    from polyak.rl.loop import train
+    from polyak.rl.presets import make_config
+
+    overrides = parse_overrides(config_class(args.algo), args.set or [])
+    config = make_config(
+        args.algo,
+        args.env,
+        args.preset,
+        total_steps=args.total_steps,
+        seed=args.seed,
+        overrides=overrides,
+    )
+    run_dir = Path(args.run_dir)
+    resuming = (run_dir / "checkpoint.pt").exists()
+    print(
+        f"{'resuming' if resuming else 'training'} {config.algo} on {config.env} "
+        f"({config.preset} preset, {config.total_steps} steps, seed {config.seed}) in {run_dir}",
+        flush=True,
+    )
+    summary = train(config, run_dir, progress=not args.no_progress)
+    sps = summary["steps_per_second"]
+    print(
+        f"final evaluation return {summary['final_eval_return']:.1f} "
+        f"(mean of {len(summary['final_eval_returns'])} episodes)"
+        + (f", {sps:.0f} steps/s" if sps else "")
+    )
+    print(f"summary:        {run_dir / 'summary.json'}")
+    curve = run_dir / "learning_curve.png"
+    print(f"learning curve: {curve}" if curve.exists() else "learning curve: (needs matplotlib)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    _require_rl()
+    import gymnasium as gym
+    import numpy as np
+
+    from polyak.rl.checkpoint import load_checkpoint
+    from polyak.rl.config import config_from_dict
+    from polyak.rl.loop import evaluate, make_agent
+
+    run_dir = Path(args.run_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    if not ckpt_path.exists():
+        raise SystemExit(f"polyak eval: no checkpoint.pt in {run_dir}")
+    ckpt = load_checkpoint(ckpt_path)
+    config = config_from_dict(ckpt["config"])
+    if args.device:
+        config.device = args.device
+    env = gym.make(config.env)
+    agent, codec, _ = make_agent(config, env, np.random.default_rng(config.seed))
+    env.close()
+    agent.load_networks(ckpt["agent"])
+    episodes = args.episodes or config.eval_episodes
+    returns = evaluate(agent, codec, config.env, episodes, args.seed)
+    result = {
+        "run_dir": str(run_dir),
+        "step": ckpt["loop"]["step"],
+        "episodes": episodes,
+        "mean_return": float(np.mean(returns)),
+        "std_return": float(np.std(returns)),
+        "returns": returns,
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from polyak.rl.plot import plot_runs
+
+    try:
+        out = plot_runs(args.run_dirs, args.output)
+    except ImportError as exc:
+        raise SystemExit(f"polyak plot: {exc}") from None
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polyak", description="Train, evaluate and plot polyak's reference RL agents."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) an agent")
+    p.add_argument("algo", choices=["ddpg", "td3", "dqn"])
+    p.add_argument("--env", required=True, help="gymnasium environment id, e.g. Pendulum-v1")
+    p.add_argument(
+        "--total-steps",
+        type=lambda s: int(float(s)),
+        default=None,
+        help="environment steps (default: the zoo's n_timesteps with --preset zoo)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", required=True, help="output directory (resumed if it exists)")
+    p.add_argument("--preset", choices=["paper", "zoo"], default="paper")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set eval_every=0 --set net_arch=64,64",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint deterministically")
+    p.add_argument("run_dir")
+    p.add_argument("--episodes", type=int, default=None, help="default: the run's eval_episodes")
+    p.add_argument("--seed", type=int, default=0, help="episode k is reset with seed + k")
+    p.add_argument("--device", default=None, help="override the run's device")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("plot", help="plot learning curves (mean and spread over runs)")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_cmd_plot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, MemoryError) as exc:  # config errors, space errors, resume refusals
+        print(f"polyak {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume from the last checkpoint")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Run configurations: one dataclass per algorithm, ``--set KEY=VALUE`` parsing, and diffs.
+
+A run is fully described by its config (plus the code): ``config.json`` in the run directory is
+``dataclasses.asdict(config)``, and re-running ``train`` on that directory resumes only if the new
+config is identical; otherwise :func:`config_diff` names the keys that differ.
+
+The field defaults are the ``paper`` preset (the DDPG paper, TD3 paper, DQN Nature paper); see
+``polyak.rl.presets`` for the ``zoo`` values and where each number comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DDPGConfig",
+    "DQNConfig",
+    "RunConfig",
+    "TD3Config",
+    "config_class",
+    "config_diff",
+    "config_from_dict",
+    "parse_overrides",
+]
+
+
+@dataclass
+class RunConfig:
+    """Settings shared by every agent: the run, the replay schedule, evaluation and checkpoints."""
+
+    algo: str = ""
+    env: str = ""
+    preset: str = "paper"
+    total_steps: int = 0  # environment steps
+    seed: int = 0
+    device: str = "cpu"  # any torch device string: "cpu", "cuda", "cuda:1", "mps"
+    threads: int = 1  # torch.set_num_threads: results are bitwise-reproducible per thread count
+    net_arch: list[int] = field(default_factory=lambda: [400, 300])
+    final_init: float = 0.0  # U(-x, x) init of output layers (DDPG paper: 3e-3); 0 = default
+    gamma: float = 0.99
+    buffer_size: int = 1_000_000
+    batch_size: int = 64
+    learning_starts: int = 100  # uniform random actions and no training for the first steps
+    train_freq: int = 1  # train every `train_freq` environment steps ...
+    gradient_steps: int = 1  # ... for this many gradient steps (-1: as many as train_freq)
+    tau: float = 0.001  # soft target rate: target <- (1 - tau) target + tau online
+    eval_every: int = 5000  # environment steps between evaluations; 0 = final evaluation only
+    eval_episodes: int = 10  # deterministic episodes per evaluation
+    checkpoint_every: int = 5000  # environment steps between checkpoints (and at the end)
+    log_every: int = 1000  # environment steps between loss rows in metrics.csv
+
+
+@dataclass
+class DDPGConfig(RunConfig):
+    """DDPG (Lillicrap et al. 2016); defaults are the paper's low-dimensional settings."""
+
+    algo: str = "ddpg"
+    final_init: float = 3e-3
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-3
+    critic_l2: float = 1e-2  # L2 weight decay on the critic
+    action_layer: int = 1  # hidden layer the action joins (1: the seed's critic; 0: at the input)
+    noise_type: str = "ou"  # "ou" | "normal" | "none"
+    noise_std: float = 0.2  # sigma, in the normalized [-1, 1] action space
+    ou_theta: float = 0.15
+    ou_dt: float = 1.0
+
+
+@dataclass
+class TD3Config(DDPGConfig):
+    """TD3 (Fujimoto et al. 2018); defaults are the paper's."""
+
+    algo: str = "td3"
+    final_init: float = 0.0
+    actor_lr: float = 1e-3
+    critic_lr: float = 1e-3
+    critic_l2: float = 0.0
+    action_layer: int = 0
+    noise_type: str = "normal"
+    noise_std: float = 0.1
+    batch_size: int = 100
+    tau: float = 0.005
+    learning_starts: int = 10_000
+    policy_delay: int = 2  # actor and targets update every `policy_delay` critic updates
+    target_policy_noise: float = 0.2  # smoothing noise std on the target action
+    target_noise_clip: float = 0.5
+
+
+@dataclass
+class DQNConfig(RunConfig):
+    """DQN (Mnih et al. 2015, "Nature"); defaults are the paper's where they apply to MLPs."""
+
+    algo: str = "dqn"
+    net_arch: list[int] = field(default_factory=lambda: [64, 64])
+    learning_rate: float = 2.5e-4
+    batch_size: int = 32
+    learning_starts: int = 50_000
+    train_freq: int = 4
+    target_update_interval: int = 10_000  # env steps between hard copies; 0 = soft with `tau`
+    tau: float = 1.0
+    double_dqn: bool = False  # a* = argmax Q_online(s'), valued by Q_target (van Hasselt 2016)
+    loss: str = "huber"  # "huber" (the paper's error clipping) | "mse"
+    max_grad_norm: float = 0.0  # clip by global norm; 0 = off
+    eps_initial: float = 1.0
+    eps_final: float = 0.1
+    eps_fraction: float = 0.1  # fraction of total_steps over which epsilon anneals linearly
+
+
+_CLASSES: dict[str, type[RunConfig]] = {"ddpg": DDPGConfig, "td3": TD3Config, "dqn": DQNConfig}
+
+
+def config_class(algo: str) -> type[RunConfig]:
+    """The config dataclass of ``algo`` ("ddpg", "td3" or "dqn")."""
+    try:
+        return _CLASSES[algo]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {algo!r}; choose from {sorted(_CLASSES)}") from None
+
+
+def _parse_value(cls: type[RunConfig], key: str, text: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kind = hints[key]
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return low in ("true", "1", "yes")
+        if kind is int:
+            value = float(text)  # accepts "2e4"
+            if value != int(value):
+                raise ValueError(text)
+            return int(value)
+        if kind is float:
+            return float(text)
+        if kind == list[int]:
+            items = json.loads(text) if text.strip().startswith("[") else text.split(",")
+            return [int(x) for x in items]
+        return text
+    except ValueError:
+        raise ValueError(f"--set {key}={text}: expected a value of type {kind}") from None
+
+
+def parse_overrides(cls: type[RunConfig], pairs: list[str]) -> dict[str, Any]:
+    """Parse ``["key=value", ...]`` into typed values for the fields of ``cls``."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        if key not in names:
+            raise ValueError(
+                f"--set {key}: unknown key for {cls.__name__}; valid keys: {', '.join(names)}"
+            )
+        out[key] = _parse_value(cls, key, text)
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a config from ``config.json`` (its ``algo`` picks the class)."""
+    cls = config_class(data["algo"])
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"config has unknown keys for {cls.__name__}: {', '.join(unknown)}")
+    return cls(**data)
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Sorted ``"key: old -> new"`` lines for every key whose value differs (or is missing)."""
+    missing = object()
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            fa = "(absent)" if a is missing else json.dumps(a)
+            fb = "(absent)" if b is missing else json.dumps(b)
+            lines.append(f"{key}: {fa} -> {fb}")
+    return lines

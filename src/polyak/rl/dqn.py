@@ -1,0 +1,126 @@
+"""DQN (Mnih et al. 2015), with the seed's ``stop_gradient`` target.
+
+Per gradient step, on a batch ``(s, a, r, s', terminated)``::
+
+    y = stop_gradient(r + gamma * (1 - terminated) * max_a' Q'(s', a'))
+    L = mean(huber(Q(s, a) - y))          # huber = the paper's error clipping to [-1, 1]
+
+Double DQN (van Hasselt et al. 2016) picks the next action with the online network and values
+it with the target: ``max_a' Q'(s', a')`` becomes ``Q'(s', argmax_a' Q(s', a'))``.
+
+TF equivalent: ``y = tf.stop_gradient(r + gamma * tf.reduce_max(q_target, 1))``,
+``cost = tf.losses.huber_loss(y, q_sa)``, ``optimizer.minimize(cost, global_step)``.
+
+The target network ``Q'`` is a ``polyak.TargetNetwork``: a hard copy every
+``target_update_interval`` environment steps (``TargetNetwork(q, every=N)``, as Stable-Baselines3
+counts it), or, with ``target_update_interval=0``, a soft update ``Q' <- (1 - tau) Q' + tau Q``
+after every gradient step. Only ``terminated`` cuts the bootstrap: a time-limit end (truncated)
+still has a future. Exploration is epsilon-greedy with epsilon annealed linearly from
+``eps_initial`` to ``eps_final`` over the first ``eps_fraction * total_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import polyak
+from polyak.rl.agent import Agent, adam
+from polyak.rl.config import DQNConfig
+from polyak.rl.networks import QNetwork
+from polyak.rl.replay import Batch
+
+__all__ = ["DQN", "linear_epsilon"]
+
+
+def linear_epsilon(step: int, config: DQNConfig) -> float:
+    """Epsilon after ``step`` environment steps: linear to ``eps_final``, then constant."""
+    horizon = config.eps_fraction * config.total_steps
+    progress = 1.0 if horizon <= 0 else min(step / horizon, 1.0)
+    return config.eps_initial + progress * (config.eps_final - config.eps_initial)
+
+
+class DQN(Agent):
+    """Deep Q-Network with hard or soft targets and an optional Double-DQN target."""
+
+    def __init__(
+        self,
+        config: DQNConfig,
+        obs_dim: int,
+        n_actions: int,
+        rng: np.random.Generator,
+        device: torch.device,
+    ) -> None:
+        if config.loss not in ("huber", "mse"):
+            raise ValueError(f"dqn: loss must be 'huber' or 'mse', got {config.loss!r}")
+        if config.target_update_interval > 0 and config.tau != 1.0:
+            raise ValueError(
+                "dqn: target_update_interval > 0 makes hard copies, which need tau=1; for soft "
+                "updates after every gradient step set target_update_interval=0 and tau < 1"
+            )
+        self.config, self.device, self.rng, self.n_actions = config, device, rng, n_actions
+        self.q = QNetwork(obs_dim, n_actions, config.net_arch, config.final_init).to(device)
+        self.dtype = next(self.q.parameters()).dtype
+        self.hard_target = config.target_update_interval > 0
+        if self.hard_target:
+            self.q_target = polyak.TargetNetwork(self.q, every=config.target_update_interval)
+        else:
+            self.q_target = polyak.TargetNetwork(self.q, tau=config.tau)
+        transforms = []
+        if config.max_grad_norm > 0:
+            transforms.append(polyak.transforms.clip_by_global_norm(config.max_grad_norm))
+        self.opt = polyak.Optimizer(
+            adam(self.q.parameters(), config.learning_rate), transforms=transforms
+        )
+        self.step = polyak.GlobalStep()  # gradient steps
+        self.env_step = polyak.GlobalStep()  # environment steps seen, for the epsilon schedule
+
+    @property
+    def epsilon(self) -> float:
+        return linear_epsilon(int(self.env_step), self.config)
+
+    def act(self, obs: np.ndarray, explore: bool) -> int:
+        # Draw the coin first and skip the network on a random action: fewer forward passes.
+        if explore and self.rng.random() < self.epsilon:
+            return int(self.rng.integers(self.n_actions))
+        with torch.no_grad():
+            return int(self.q(self.obs_tensor(obs)).argmax())
+
+    def td_target(self, batch: Batch) -> torch.Tensor:
+        """``stop_gradient(r + gamma * (1 - terminated) * max_a' Q'(s', a'))`` (or Double DQN)."""
+        q_next_all = self.q_target.module(batch.next_obs)
+        if self.config.double_dqn:
+            best = self.q(batch.next_obs).argmax(dim=1, keepdim=True)
+            q_next = q_next_all.gather(1, best).squeeze(1)
+        else:
+            q_next = q_next_all.max(dim=1).values
+        return polyak.stop_gradient(
+            batch.rewards + self.config.gamma * (1.0 - batch.terminated) * q_next
+        )
+
+    def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        y = self.td_target(batch)
+        q_sa = self.q(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+        loss = F.smooth_l1_loss(q_sa, y) if self.config.loss == "huber" else F.mse_loss(q_sa, y)
+        self.opt.minimize(loss, global_step=self.step)
+        if not self.hard_target:
+            self.q_target.update()
+        return {"loss": loss.detach()}
+
+    def on_env_step(self, step: int) -> None:
+        self.env_step.value = step
+        if self.hard_target:
+            self.q_target.update()  # counts environment steps; copies on every N-th call
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"q": self.q, "q_target": self.q_target.module}
+
+    def stateful(self) -> dict:
+        return {
+            "q_target": self.q_target,
+            "opt": self.opt,
+            "step": self.step,
+            "env_step": self.env_step,
+        }

@@ -1,0 +1,178 @@
+"""Short end-to-end runs: outputs, determinism, resume after a crash or SIGKILL, refusals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("gymnasium")
+
+from polyak.rl import ConfigMismatchError, make_config, train
+from polyak.rl import loop as loop_mod
+from polyak.rl.checkpoint import load_checkpoint
+from polyak.rl.logging import read_metrics
+
+SMALL = {
+    "ddpg": ("Pendulum-v1", {"net_arch": [16, 16], "batch_size": 16, "learning_starts": 50}),
+    "td3": ("Pendulum-v1", {"net_arch": [16, 16], "batch_size": 16, "learning_starts": 50}),
+    "dqn": (
+        "CartPole-v1",
+        {"net_arch": [16], "batch_size": 16, "learning_starts": 50, "target_update_interval": 40},
+    ),
+}
+
+
+def _config(algo, total=300, **kw):
+    env, small = SMALL[algo]
+    overrides = {
+        **small,
+        "eval_every": 150,
+        "eval_episodes": 1,
+        "checkpoint_every": 70,
+        "log_every": 50,
+        **kw,
+    }
+    return make_config(algo, env, "paper", total_steps=total, seed=3, overrides=overrides)
+
+
+def _agent_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    return {f"{n}.{k}": v for n, sd in ckpt["agent"].items() for k, v in sd.items()}
+
+
+def _assert_same_agent(a: Path, b: Path) -> None:
+    ta, tb = _agent_tensors(a), _agent_tensors(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+
+@pytest.mark.parametrize("algo", ["ddpg", "td3", "dqn"])
+def test_run_dir_contents_and_bitwise_reproducible(tmp_path, algo):
+    cfg = _config(algo)
+    summary = train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False)
+    run = tmp_path / "a"
+    for name in ("config.json", "metrics.csv", "checkpoint.pt", "summary.json"):
+        assert (run / name).exists(), name
+    assert (run / "learning_curve.png").stat().st_size > 0
+    assert {"algo", "env", "total_steps", "seed", "final_eval_return", "steps_per_second"} <= set(
+        summary
+    )
+    assert (
+        json.loads((run / "summary.json").read_text())["final_eval_return"]
+        == (summary["final_eval_return"])
+    )
+    rows = read_metrics(run / "metrics.csv")
+    assert [int(r["step"]) for r in rows if r["eval_return"]] == [150, 300]
+    assert any(r["episode_return"] for r in rows)
+    # The checkpoint loads without unpickling code, and holds the networks under "agent".
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["loop"]["step"] == 300 and set(ckpt["agent"])
+    # Same command and seed: identical agent and identical metrics.
+    _assert_same_agent(tmp_path / "a", tmp_path / "b")
+    assert (run / "metrics.csv").read_bytes() == (tmp_path / "b" / "metrics.csv").read_bytes()
+
+
+def test_eval_every_zero_keeps_only_the_final_evaluation(tmp_path):
+    train(_config("dqn", total=120, eval_every=0), tmp_path, progress=False)
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [int(r["step"]) for r in rows if r["eval_return"]] == [120]
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("algo", "crash_at"), [("ddpg", 163), ("td3", 251), ("dqn", 101)])
+def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch, algo, crash_at):
+    """A crash mid-episode (and at a checkpoint step) resumes to the same agent tensors."""
+    cfg = _config(algo, noise_type="ou") if algo == "ddpg" else _config(algo)
+    train(cfg, tmp_path / "ref", progress=False)
+
+    calls = {"n": 0}
+    real_add = loop_mod.ReplayBuffer.add
+
+    def crashing_add(self, *args):
+        calls["n"] += 1
+        if calls["n"] == crash_at:
+            raise _Crash
+        real_add(self, *args)
+
+    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", crashing_add)
+    with pytest.raises(_Crash):
+        train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", real_add)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loop"]["step"] < 300
+    train(cfg, tmp_path / "run", progress=False)
+    _assert_same_agent(tmp_path / "ref", tmp_path / "run")
+    ref_metrics = (tmp_path / "ref" / "metrics.csv").read_bytes()
+    assert (tmp_path / "run" / "metrics.csv").read_bytes() == ref_metrics
+
+
+def test_different_config_is_refused_naming_keys(tmp_path):
+    cfg = _config("dqn", total=60)
+    train(cfg, tmp_path, progress=False)
+    other = _config("dqn", total=60, batch_size=8, gamma=0.5)
+    with pytest.raises(ConfigMismatchError, match=r"batch_size: 16 -> 8[\s\S]*gamma: 0.99 -> 0.5"):
+        train(other, tmp_path, progress=False)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "polyak", *args]
+
+
+def test_sigkill_at_any_moment_then_resume_matches_uninterrupted(tmp_path):
+    sets = {
+        "net_arch": "16",
+        "batch_size": "16",
+        "learning_starts": "100",
+        "checkpoint_every": "97",
+        "eval_every": "0",
+        "eval_episodes": "1",
+        "target_update_interval": "50",
+    }
+    ref = tmp_path / "ref"  # the uninterrupted run, in this process (same config, same code)
+    cfg = make_config(
+        "dqn", "CartPole-v1", "paper", total_steps=4000, seed=1, overrides=_parse(sets)
+    )
+    train(cfg, ref, progress=False)
+
+    run = tmp_path / "run"
+    args = ["train", "dqn", "--env", "CartPole-v1", "--total-steps", "4000", "--seed", "1"]
+    args += ["--no-progress", "--run-dir", str(run)]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.005)
+    time.sleep(0.4)  # somewhere in the run: between saves, or inside one
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed, "the run finished before it could be killed; make it longer"
+    step = load_checkpoint(run / "checkpoint.pt")["loop"]["step"]
+    assert 0 < step < 4000
+
+    done = subprocess.run(_cli(*args), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"resuming" in done.stdout
+    _assert_same_agent(ref, run)
+    assert (run / "metrics.csv").read_bytes() == (ref / "metrics.csv").read_bytes()
+    assert not list(run.glob(".checkpoint.pt.tmp-*"))
+
+
+def _parse(sets: dict[str, str]) -> dict:
+    from polyak.rl.config import DQNConfig, parse_overrides
+
+    return parse_overrides(DQNConfig, [f"{k}={v}" for k, v in sets.items()])
