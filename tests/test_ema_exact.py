@@ -104,3 +104,16 @@ def test_num_updates_ratio_matches_float32_for_large_counts():
         n32 = np.float32(n)
         expected = (np.float32(1.0) + n32) / (np.float32(10.0) + n32)
         assert _num_updates_ratio(n) == float(expected), n
+
+
+def test_apply_without_var_list_steps_every_tracked_variable():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    ema = polyak.ExponentialMovingAverage(0.5)
+    ema.track([a, b])
+    with torch.no_grad():
+        a.fill_(2.0)
+        b.fill_(4.0)
+    ema.apply()  # TF: var_list=None means every variable
+    assert torch.equal(ema.average(a), torch.full((2,), 1.0))
+    assert torch.equal(ema.average(b), torch.full((3,), 2.0))
+    assert ema.step == 1

@@ -265,14 +265,18 @@ class ExponentialMovingAverage:
         """The decay the next averaging step will use (after schedule and ``num_updates``)."""
         return self._decay_at(max(self._step - self.update_after, 0))
 
-    def apply(self, var_list: VarList) -> None:
+    def apply(self, var_list: VarList | None = None) -> None:
         """Track new entries of ``var_list``, then take one step for every entry listed.
 
         ``var_list`` is a module (its parameters and buffers, by qualified name), a mapping
         ``{name: tensor}``, or an iterable of variables (keyed by identity). New variables
         get a shadow equal to their value, new values (tensors that are not variables) a
         zero shadow. Entries tracked earlier but not listed are left alone, as in TF.
+        ``None`` (TF's default, "all variables") is :meth:`update`.
         """
+        if var_list is None:
+            self.update()
+            return
         one_minus = self._next_weight()
         variables, values = self._prepare(var_list)
         self._advance(variables, tuple(e.name for e in variables), values, one_minus)
