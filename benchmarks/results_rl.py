@@ -1,7 +1,7 @@
 """Learning results of the reference agents over several seeds (the figures of docs/results.md).
 
     python benchmarks/results_rl.py [--seeds 0 1 2] [--runs runs/results] [--only ddpg dqn]
-                                    [--out benchmarks/results]
+                                    [--out benchmarks/results] [--set KEY=VALUE ... --tag NAME]
 
 Trains, one after the other, through the command line exactly as a user would:
 
@@ -13,6 +13,11 @@ Trains, one after the other, through the command line exactly as a user would:
 then writes ``rl_results.json`` (per seed: final evaluation return, steps/s) and one plot per
 task (mean and min-max band over seeds) into ``--out``. Each run uses one thread; already
 finished runs are reused (re-running resumes or just re-evaluates them).
+
+``--set KEY=VALUE`` (repeatable) passes overrides on top of the zoo preset to every run, and
+``--tag NAME`` names that variant: run directories ``<algo>-<env>-NAME/seedS``, results key
+``"<algo> <env> NAME"``, plot ``rl_<algo>_<env>-NAME.png``. E.g. the Double-DQN variant of
+docs/results.md: ``--only dqn --set double_dqn=true --tag double``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,12 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=Path("runs/results"))
     p.add_argument("--only", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--tag", default="")
     args = p.parse_args()
+    if args.overrides and not args.tag:
+        p.error("--set needs --tag NAME, so the variant's runs and results are kept apart")
+    suffix = f"-{args.tag}" if args.tag else ""
 
     from polyak.rl.plot import plot_runs
 
@@ -46,18 +56,22 @@ def main() -> None:
         env, steps, target = TASKS[algo]
         dirs = []
         for seed in args.seeds:
-            run_dir = args.runs / f"{algo}-{env}" / f"seed{seed}"
+            run_dir = args.runs / f"{algo}-{env}{suffix}" / f"seed{seed}"
             cmd = [sys.executable, "-m", "polyak", "train", algo, "--env", env]
             cmd += ["--preset", "zoo", "--total-steps", str(steps), "--seed", str(seed)]
+            for pair in args.overrides:
+                cmd += ["--set", pair]
             cmd += ["--run-dir", str(run_dir), "--no-progress"]
             print(" ".join(cmd[1:]), flush=True)
             subprocess.run(cmd, check=True)
             dirs.append(run_dir)
         summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
         finals = [s["final_eval_return"] for s in summaries]
-        results[f"{algo} {env}"] = {
+        sets = "".join(f" --set {pair}" for pair in args.overrides)
+        key = f"{algo} {env}" + (f" {args.tag}" if args.tag else "")
+        results[key] = {
             "command": f"polyak train {algo} --env {env} --preset zoo --total-steps {steps} "
-            "--seed S",
+            f"--seed S{sets}",
             "target": target,
             "seeds": args.seeds,
             "final_eval_return": finals,
@@ -66,8 +80,8 @@ def main() -> None:
             "steps_per_second": [s["steps_per_second"] for s in summaries],
             "all_seeds_meet_target": all(f >= target for f in finals),
         }
-        plot_runs(dirs, args.out / f"rl_{algo}_{env}.png")
-        print(json.dumps(results[f"{algo} {env}"]), flush=True)
+        plot_runs(dirs, args.out / f"rl_{algo}_{env}{suffix}.png")
+        print(json.dumps(results[key]), flush=True)
     path = args.out / "rl_results.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**old, **results}, indent=2) + "\n")

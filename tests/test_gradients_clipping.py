@@ -91,3 +91,19 @@ def test_sparse_is_coalesced_never_wrong():
     assert v.is_sparse
     torch.testing.assert_close(v.to_dense(), torch.tensor([3.0, 0.0, 3.5]))
     torch.testing.assert_close(polyak.clip_by_norm(s, 1.0).to_dense(), dense / 5.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_global_scale_is_tf_formula_bit_for_bit(dtype):
+    """The fused ``add(N - N, min(1/N, 1/c), alpha=c)`` gives the bits of TF's separate ops."""
+    from polyak.gradients.clipping import global_scale
+
+    norms = [0.0, 1e-30, 1e-7, 0.3, 1.0, 2.5, 7.0, 1e4, 3e38, math.inf, math.nan]
+    for c in (0.3, 1, 2.5, 10.0):
+        for n in norms:
+            norm = torch.tensor(n, dtype=dtype)
+            c_t = torch.tensor(c, dtype=dtype)
+            ref = torch.clamp_max(norm.reciprocal(), c_t.reciprocal()) * c_t + (norm - norm)
+            got = global_scale(norm, c)
+            assert got.dtype == dtype
+            assert torch.equal(got, ref) or (ref.isnan() and got.isnan()), (c, n)

@@ -139,3 +139,23 @@ def test_skip_nonfinite_on_flat_path():
     for k, entry in state["inner"]["state"].items():
         for n, v in entry.items():
             assert torch.equal(after[k][n], v)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_cpu_chunked_flat_twin_is_bit_identical(name, monkeypatch):
+    """On the CPU, for-loop optimizers step the flat buffer in L2-sized pieces (cut at
+    parameter boundaries): same bits as plain torch, state still flat."""
+    from polyak.gradients import stepping
+
+    monkeypatch.setattr(stepping, "_CPU_CHUNK", 40)
+    make = OPTIMIZERS[name]
+    ref, flat = _model("cpu"), polyak.flatten_parameters_(_model("cpu"))
+    o_ref = make(ref.parameters())
+    opt = polyak.Optimizer(make(flat.parameters()), [T.clip_by_global_norm(0.5)])
+    for i in range(4):
+        _reference_step(ref, o_ref, _loss(ref, i, "cpu"), 0.5)
+        opt.minimize(_loss(flat, i, "cpu"))
+    for a, b in zip(ref.parameters(), flat.parameters()):
+        assert torch.equal(a, b)
+    (twin,) = opt._stepper._twins.values()
+    assert 1 < len(twin.runs) < len(list(flat.parameters()))

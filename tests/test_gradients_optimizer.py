@@ -179,3 +179,40 @@ def test_sparse_embedding_gradients_pass_through():
     opt_bad = polyak.Optimizer(torch.optim.SGD(emb.parameters(), lr=1.0), [T.adaptive_clip()])
     with pytest.raises(TypeError, match="sparse"):
         opt_bad.minimize(emb(idx).sum())
+
+
+def test_apply_never_modifies_callers_gradients_many_tensors():
+    """The transforms' copy of the gradients is one fresh buffer (mixed dtypes: one each)."""
+    m = _model()
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    params = [*m.parameters(), extra]
+    opt = polyak.Optimizer(torch.optim.SGD(params, lr=0.1), [T.clip_by_global_norm(1e-3)])
+    for _ in range(3):  # repeated steps reuse the cached layouts
+        gv = opt.compute_gradients(_loss(m) + extra.square().sum())
+        before = [g.clone() for g, _ in gv]
+        opt.apply_gradients(gv)
+        assert all(torch.equal(g, b) for (g, _), b in zip(gv, before))
+        assert all(p.grad is None for p in params)
+
+
+def test_minimize_reuses_flat_layout_and_follows_relayout():
+    """Cached layouts (keyed on pointers) follow a re-flatten and a .grad set by hand."""
+    ref, flat = _model(), polyak.flatten_parameters_(_model())
+    o_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt = polyak.Optimizer(
+        torch.optim.SGD(flat.parameters(), lr=0.1), [T.clip_by_value(-0.05, 0.05)]
+    )
+    for i in range(6):
+        o_ref.zero_grad()
+        _loss(ref).backward()
+        for p in ref.parameters():
+            p.grad.clamp_(-0.05, 0.05)
+        o_ref.step()
+        if i == 2:
+            polyak.flatten_parameters_(flat)  # new buffers
+        if i == 4:
+            for p in flat.parameters():  # stale, non-flat .grad: discarded, not zeroed in place
+                p.grad = torch.full_like(p, 7.0)
+        opt.minimize(_loss(flat))
+        for a, b in zip(ref.parameters(), flat.parameters()):
+            assert torch.equal(a, b)

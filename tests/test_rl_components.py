@@ -20,7 +20,7 @@ from polyak.rl.loop import make_agent
 from polyak.rl.networks import Critic
 from polyak.rl.noise import GaussianNoise, OrnsteinUhlenbeckNoise
 from polyak.rl.presets import make_config
-from polyak.rl.replay import Batch, ReplayBuffer
+from polyak.rl.replay import Batch, ReplayBuffer, minibatch
 from polyak.rl.td3 import TD3
 
 CPU = torch.device("cpu")
@@ -89,6 +89,66 @@ def test_replay_state_dict_roundtrip():
     other.load_state_dict(rb.state_dict())
     assert (other.pos, other.size) == (7, 7)
     assert np.array_equal(other._data, rb._data)
+
+
+def _filled_replay(seed=0, n=50, action_dim=0):
+    rb = ReplayBuffer(64, obs_dim=3, action_dim=action_dim, rng=np.random.default_rng(seed))
+    for i in range(n):
+        action = i % 3 if action_dim == 0 else np.full(action_dim, i / n)
+        rb.add(np.full(3, i), action, float(i), np.full(3, i + 0.5), i % 7 == 0, i % 11 == 0)
+    return rb
+
+
+def test_sample_burst_draws_all_indices_at_once_and_n1_is_sample():
+    a, b = _filled_replay(), _filled_replay()
+    for x, y in zip(a.sample(8), b.sample_burst(1, 8), strict=True):
+        assert torch.equal(x, y)
+    # One draw of shape (n, batch): minibatch k is row k of the index matrix.
+    idx = np.random.default_rng(0).integers(0, 50, size=(5, 8))
+    burst = _filled_replay().sample_burst(5, 8)
+    assert burst.obs.shape == (40, 3) and burst.actions.shape == (40,)
+    for k in range(5):
+        mb = minibatch(burst, k, 8)
+        assert mb.rewards.tolist() == [float(i) for i in idx[k]]
+        assert mb.actions.tolist() == [int(i) % 3 for i in idx[k]]
+        assert torch.equal(mb.next_obs[:, 0], mb.rewards + 0.5)
+        assert mb.terminated.tolist() == [float(i % 7 == 0) for i in idx[k]]
+
+
+def test_dqn_burst_with_frozen_target_equals_step_by_step():
+    """The batched targets of a burst are the per-step targets: same losses, same weights."""
+    burst = _filled_replay().sample_burst(6, 8)
+    fast = _dqn(target_update_interval=4, learning_rate=0.01, max_grad_norm=10.0)
+    slow = _dqn(target_update_interval=4, learning_rate=0.01, max_grad_norm=10.0)
+    with torch.no_grad():  # a target that differs from the online network
+        for p in fast.q_target.module.parameters():
+            p.add_(0.5)
+        for p in slow.q_target.module.parameters():
+            p.add_(0.5)
+    frozen = [p.clone() for p in fast.q_target.module.parameters()]
+    losses = fast.train_burst(burst, 6)
+    for k in range(6):
+        expected = slow.train_step(minibatch(burst, k, 8))
+    torch.testing.assert_close(losses["loss"], expected["loss"])
+    for x, y in zip(fast.q.parameters(), slow.q.parameters(), strict=True):
+        torch.testing.assert_close(x, y)
+    # The online net moved, the hard target did not (copies happen only in on_env_step).
+    assert all(torch.equal(a, p) for a, p in zip(frozen, fast.q_target.module.parameters()))
+    assert not torch.equal(next(fast.q.parameters()), next(_dqn().q.parameters()))
+
+
+@pytest.mark.parametrize("kw", [{"double_dqn": True}, {"target_update_interval": 0, "tau": 0.5}])
+def test_dqn_burst_falls_back_to_step_by_step(kw):
+    """Double DQN's and soft targets change during a burst: the per-step path, bit for bit."""
+    burst = _filled_replay().sample_burst(4, 8)
+    fast, slow = _dqn(learning_rate=0.01, **kw), _dqn(learning_rate=0.01, **kw)
+    fast.train_burst(burst, 4)
+    for k in range(4):
+        slow.train_step(minibatch(burst, k, 8))
+    for x, y in zip(fast.q.parameters(), slow.q.parameters(), strict=True):
+        assert torch.equal(x, y)
+    for x, y in zip(fast.q_target.module.parameters(), slow.q_target.module.parameters()):
+        assert torch.equal(x, y)
 
 
 def test_replay_memory_is_checked_up_front(monkeypatch):
@@ -322,3 +382,29 @@ def test_presets():
         make_config("dqn", "LunarLander-v3", "zoo")
     with pytest.raises(ValueError, match="--total-steps"):
         make_config("dqn", "CartPole-v1", "paper")
+
+
+def test_dqn_greedy_action_follows_the_live_network():
+    """The NumPy acting path reads the current weights: after training and after loading."""
+    agent = _dqn(learning_rate=0.05)
+    obs = np.random.default_rng(1).normal(size=(200, 3)).astype(np.float32)
+
+    def check():
+        q = agent.q(torch.from_numpy(obs)).detach()
+        top2 = q.topk(2, dim=1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-4  # skip near-ties (float rounding may differ)
+        acts = torch.tensor([agent.act(o, explore=False) for o in obs])
+        assert clear.sum() > 150
+        assert torch.equal(acts[clear], q.argmax(1)[clear])
+
+    check()
+    burst = _filled_replay().sample_burst(3, 8)
+    agent.train_burst(burst, 3)
+    check()
+    other = _dqn(learning_rate=0.05)
+    other.q.load_state_dict({k: v + 0.3 for k, v in agent.q.state_dict().items()})
+    agent.q.load_state_dict(other.q.state_dict())
+    check()
+    with torch.no_grad():  # a parameter whose storage is replaced: the views are rebuilt
+        agent.q.layers[0].weight.data = agent.q.layers[0].weight.data.clone() * -1.0
+    check()

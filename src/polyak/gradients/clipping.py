@@ -13,6 +13,7 @@ of the unsummed rows; ours is the norm of the actual gradient.)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -103,7 +104,7 @@ def clip_by_global_norm(
         norm = use_norm if isinstance(use_norm, torch.Tensor) else torch.tensor(float(use_norm))
     scale = global_scale(norm, clip_norm)
     dense = [t for t in tensors if not t.is_sparse]
-    scaled = iter(torch._foreach_mul(dense, scale.to(dense[0].dtype)) if dense else [])
+    scaled = iter(torch._foreach_mul(dense, _cast(scale, dense[0].dtype)) if dense else [])
     out: list[torch.Tensor | None] = []
     for t in t_list:
         if t is None:
@@ -123,10 +124,18 @@ def global_scale(norm: torch.Tensor, clip_norm: Bound) -> torch.Tensor:
     if isinstance(clip_norm, torch.Tensor):
         c = clip_norm.to(dtype=norm.dtype, device=norm.device)
         return c * torch.minimum(norm.reciprocal(), c.reciprocal()) + (norm - norm)
-    # A number: round it and its reciprocal to norm's dtype on the host, as TF's graph does.
-    c32 = torch.tensor(clip_norm, dtype=norm.dtype)
-    inv_c = c32.reciprocal().item()  # a host tensor: no device sync
-    return torch.clamp_max(norm.reciprocal(), inv_c).mul_(c32.item()).add_(norm - norm)
+    c, inv_c = _host_constants(float(clip_norm), norm.dtype)
+    # ``x * c + z`` as one ``add(z, x, alpha=c)``: z is 0 or NaN, so adding it is exact and the
+    # result is the same bits as the separate product and sum (fused or not).
+    return torch.add(norm - norm, torch.clamp_max(norm.reciprocal(), inv_c), alpha=c)
+
+
+@functools.lru_cache(maxsize=64)
+def _host_constants(clip_norm: float, dtype: torch.dtype) -> tuple[float, float]:
+    """``clip_norm`` and its reciprocal rounded to ``dtype`` on the host, as TF's graph does
+    (computed once per value: building a tensor for them cost more than the clipping)."""
+    c = torch.tensor(clip_norm, dtype=dtype)
+    return c.item(), c.reciprocal().item()
 
 
 def dense_and_sparse(
@@ -144,11 +153,17 @@ def norms_squared_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     Norms are taken per tensor, never per merged run, as TF's ``global_norm`` does: the result
     does not depend on how the tensors are laid out in memory.
     """
+    first = tensors[0]
+    dtype, device = first.dtype, first.device
+    if all(t.dtype is dtype and not t.is_sparse for t in tensors) and all(
+        t.device == device for t in tensors
+    ):
+        # The common case (one dtype and device, all dense): no per-norm casts.
+        return torch.stack(torch._foreach_norm(tensors)).square().sum()
     dense = [t for t in tensors if not t.is_sparse]
     norms = list(torch._foreach_norm(dense)) if dense else []
     norms += [t.coalesce().values().norm() for t in tensors if t.is_sparse]
     dtype = _promoted([t.dtype for t in tensors])
-    device = tensors[0].device
     return torch.stack([n.to(dtype=dtype, device=device) for n in norms]).square().sum()
 
 
@@ -162,6 +177,10 @@ def map_values(t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> t
     return torch.sparse_coo_tensor(
         c.indices(), fn(c.values()), c.shape, is_coalesced=True, check_invariants=False
     )
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype is dtype else t.to(dtype)
 
 
 def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:

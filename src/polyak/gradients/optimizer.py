@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from polyak.flat import coalesce
-from polyak.gradients._buffers import flat_like
+from polyak.gradients._buffers import RunCache, flat_copy
 from polyak.gradients.functional import as_tensor_list, gradients
 from polyak.gradients.global_step import GlobalStep
 from polyak.gradients.stepping import InnerStepper
@@ -61,6 +61,10 @@ class Optimizer:
         )
         self._stepper = InnerStepper(inner)
         self._names: dict[int, str] = {}
+        # Per-step layouts, keyed on data pointers: .grad before the backward (what to zero
+        # in place), .grad after it (the transforms' runs).
+        self._clear_cache = RunCache()
+        self._grad_cache = RunCache()
 
     # ------------------------------------------------------------------ passthrough
 
@@ -118,9 +122,10 @@ class Optimizer:
                 f"{[self._name(v) for _, v in pairs]}. Check that the loss depends on them "
                 "and that they require grad."
             )
+        runs = None
         if self._has_transforms():
-            grads = flat_like(grads, copy=True)  # never edit the caller's tensors
-        self._apply(params, grads, global_step)
+            grads, runs = flat_copy(grads)  # never edit the caller's tensors
+        self._apply(params, grads, global_step, runs)
 
     def minimize(
         self,
@@ -134,20 +139,23 @@ class Optimizer:
         (previous ``.grad`` values of ``var_list`` are discarded first; other tensors'
         ``.grad`` are untouched) and the transforms edit them there.
         """
-        params = self._var_list(var_list, "minimize")
-        _clear_grads(params)
+        params = wanted = self._var_list(var_list, "minimize")
+        self._clear_grads(params)
         if grad_loss is None and loss.numel() != 1:
             grad_loss = torch.ones_like(loss)
         if loss.requires_grad:
             loss.backward(gradient=grad_loss, inputs=params)
-        with_grad = [p for p in params if p.grad is not None]
-        if not with_grad:
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            params = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
+        if not params:
             raise ValueError(
                 "No gradients provided for any variable: "
-                f"{[self._name(v) for v in params]}. Check that the loss depends on them "
+                f"{[self._name(v) for v in wanted]}. Check that the loss depends on them "
                 "and that they require grad."
             )
-        self._apply(with_grad, [p.grad for p in with_grad], global_step)  # type: ignore[misc]
+        self._apply(params, grads, global_step, self._grad_cache)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ state
 
@@ -183,12 +191,20 @@ class Optimizer:
         params: list[torch.Tensor],
         grads: list[torch.Tensor],
         global_step: GlobalStep | None,
+        runs: RunCache | list[torch.Tensor] | None = None,
     ) -> None:
         if global_step is not None and not isinstance(global_step, GlobalStep):
             raise TypeError(
                 f"global_step must be a polyak.GlobalStep, got {type(global_step).__name__}"
             )
-        step = GradientStep(params, grads, [self._name(p) for p in params])
+        step = GradientStep(
+            params,
+            grads,
+            lambda: [self._name(p) for p in params],
+            runs=runs if isinstance(runs, RunCache) else None,
+        )
+        if isinstance(runs, list):
+            step.seed_runs(runs)
         self.transform(step)
         if not step.apply:
             return
@@ -211,13 +227,16 @@ class Optimizer:
                 "var_list",
                 caller,
             )
+            self._check_owned(params, caller)  # the default list is owned by construction
         if not params:
             raise ValueError(f"{caller}: no variables to optimize (var_list is empty)")
-        self._check_owned(params, caller)
         return params
 
     def _check_owned(self, params: Sequence[torch.Tensor], caller: str) -> None:
-        owned = {id(p) for g in self.inner.param_groups for p in g["params"]}
+        groups = self.inner.param_groups
+        owned = set(map(id, itertools.chain.from_iterable(g["params"] for g in groups)))
+        if all(map(owned.__contains__, map(id, params))):
+            return
         for p in params:
             if id(p) not in owned:
                 raise ValueError(
@@ -262,22 +281,22 @@ class Optimizer:
             name = self._names.get(id(param), f"<tensor of shape {tuple(param.shape)}>")
         return name
 
-
-def _clear_grads(params: Sequence[torch.Tensor]) -> None:
-    """Discard ``.grad``: zero it in place where it lies in a flat buffer (the next backward
-    accumulates there), drop it elsewhere (the next backward allocates, as zero_grad())."""
-    for p in params:
-        if p.grad is not None and p.grad.is_sparse:
-            p.grad = None
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    runs = coalesce(grads)[0]
-    single = {id(r) for r in runs}
-    ids = {id(g) for g in grads}
-    merged = [r for r in runs if id(r) not in ids]
-    if merged:
-        torch._foreach_zero_(merged)
-    for p in params:
-        if p.grad is not None and id(p.grad) in single:
-            p.grad = None
+    def _clear_grads(self, params: Sequence[torch.Tensor]) -> None:
+        """Discard ``.grad``: zero it in place where it lies in a flat buffer (the next
+        backward accumulates there), drop it elsewhere (the next backward allocates, as
+        zero_grad())."""
+        with_grad = [p for p in params if p.grad is not None]
+        if not with_grad:
+            return
+        grads = [p.grad for p in with_grad]
+        if any(g.is_sparse for g in grads):  # type: ignore[union-attr]
+            for p in with_grad:
+                if p.grad.is_sparse:  # type: ignore[union-attr]
+                    p.grad = None
+            with_grad = [p for p in with_grad if p.grad is not None]
+            grads = [p.grad for p in with_grad]
+        _, lone, merged = self._clear_cache.layout(grads)  # type: ignore[arg-type]
+        if merged:
+            torch._foreach_zero_(merged)
+        for i in lone:
+            with_grad[i].grad = None

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from polyak.flat import coalesce
+from polyak.flat import _span, coalesce
+from polyak.gradients._buffers import RunCache
 
 __all__ = ["InnerStepper"]
 
@@ -72,6 +73,7 @@ class InnerStepper:
         self._twins: dict[int, _Twin] = {}
         self._failed: dict[int, tuple] = {}  # group -> layout whose state could not be merged
         self._state_obj: object = inner.state
+        self._member_layouts: dict[int, RunCache] = {}  # group -> its parameters' runs
 
     def reset(self) -> None:
         """Forget the flat twins (after ``inner.state`` was replaced)."""
@@ -163,7 +165,14 @@ class InnerStepper:
             # The CPU fused kernels round vector lanes and loop tails differently, so results
             # would depend on where a tensor starts in the buffer: keep them per tensor.
             return None
+        layouts = self._member_layouts.get(gi)
+        if layouts is None:
+            layouts = self._member_layouts[gi] = RunCache()
+        if not layouts.layout(members)[2]:
+            return None  # no two parameters share memory: nothing to merge (pointer check)
         runs, grad_runs = coalesce(members, gs)  # type: ignore[arg-type]
+        if len(runs) < len(members) and _per_tensor_loop(group, members[0]):
+            runs, grad_runs = _chunks(members, gs, runs, grad_runs)  # type: ignore[arg-type]
         if len(runs) == len(members):
             return None  # nothing merged: the inner optimizer is as fast
         key = _layout(runs)
@@ -236,6 +245,48 @@ class InnerStepper:
                 for k, v in entry.items():
                     if isinstance(v, torch.Tensor) and v.ndim == 0:
                         entry[k] = v.clone()
+
+
+# A CPU for-loop step makes ~10 passes over each tensor before the next one: over a whole
+# flat buffer those passes stream from memory, over L2-sized pieces they stay in cache.
+_CPU_CHUNK = 1 << 17  # elements (512 KB of fp32, a few arrays of it fit in a 1 MB L2)
+
+
+def _per_tensor_loop(group: dict[str, Any], p: torch.Tensor) -> bool:
+    """Whether the group's optimizer steps tensor by tensor on the CPU (torch's default there:
+    neither ``foreach`` nor ``fused``)."""
+    return p.device.type == "cpu" and not group.get("foreach") and not group.get("fused")
+
+
+def _chunks(
+    members: list[torch.Tensor],
+    gs: list[torch.Tensor],
+    runs: list[torch.Tensor],
+    grad_runs: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``runs`` cut at parameter boundaries into pieces of about ``_CPU_CHUNK`` elements (a
+    parameter larger than that is a piece of its own). Elementwise updates give the same bits
+    whatever the cut."""
+    if any(m.numel() == 0 for m in members):
+        return runs, grad_runs
+    out_p: list[torch.Tensor] = []
+    out_g: list[torch.Tensor] = []
+    i = 0
+    for run in runs:
+        total, n = run.numel(), 0
+        start, size = i, 0
+        while n < total:
+            m = members[i].numel()
+            if size and size + m > _CPU_CHUNK:
+                out_p.append(_span(members, start, i))
+                out_g.append(_span(gs, start, i))
+                start, size = i, 0
+            size += m
+            n += m
+            i += 1
+        out_p.append(_span(members, start, i))
+        out_g.append(_span(gs, start, i))
+    return out_p, out_g
 
 
 def _snapshot(

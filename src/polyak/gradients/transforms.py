@@ -14,22 +14,26 @@ buffer when the parameters were flattened (:func:`polyak.flatten_parameters_`), 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
 
 from polyak.flat import coalesce
-from polyak.gradients._buffers import dense_groups, flat_like
+from polyak.gradients._buffers import RunCache, dense_groups, flat_like
 from polyak.gradients.clipping import (
-    clip_by_value as _clip_values,
-)
-from polyak.gradients.clipping import (
+    _cast,
     dense_and_sparse,
     global_scale,
     map_values,
     norms_squared_sum,
 )
+from polyak.gradients.clipping import (
+    clip_by_value as _clip_values,
+)
+
+_is = operator.is_
 
 __all__ = [
     "GradientStep",
@@ -57,20 +61,57 @@ class GradientStep:
     means it steps and then restores parameters and optimizer state where ``skip`` is true.
     """
 
-    __slots__ = ("apply", "grads", "names", "params", "skip")
+    __slots__ = ("_memo", "_names", "_runs", "apply", "grads", "params", "skip")
 
     def __init__(
-        self, params: list[torch.Tensor], grads: list[torch.Tensor], names: list[str]
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        names: list[str] | Callable[[], list[str]],
+        *,
+        runs: RunCache | None = None,
     ) -> None:
         self.params = params
         self.grads = grads
-        self.names = names
+        self._names = names
         self.apply = True
         self.skip: torch.Tensor | None = None
+        self._runs = runs
+        self._memo: tuple[list[torch.Tensor], list[torch.Tensor], list[int]] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The parameters' names (built on first use: most steps never need them)."""
+        if callable(self._names):
+            self._names = self._names()
+        return self._names
+
+    @names.setter
+    def names(self, names: list[str]) -> None:
+        self._names = names
 
     def dense_runs(self) -> tuple[list[torch.Tensor], list[int]]:
-        """The dense gradients merged over contiguous memory, and the sparse entries' indices."""
-        return dense_and_sparse(self.grads)
+        """The dense gradients merged over contiguous memory, and the sparse entries' indices.
+
+        Computed once per step while ``grads`` holds the same tensors (transforms edit dense
+        gradients in place), and across steps through the optimizer's pointer-keyed cache.
+        """
+        grads = self.grads
+        memo = self._memo
+        if memo is not None and len(memo[0]) == len(grads) and all(map(_is, memo[0], grads)):
+            return list(memo[1]), list(memo[2])
+        sparse = [i for i, g in enumerate(grads) if g.is_sparse]
+        if self._runs is None:
+            runs, _ = dense_and_sparse(grads)
+        else:
+            dense = [g for g in grads if not g.is_sparse] if sparse else grads
+            runs = self._runs.layout(dense)[0]
+        self._memo = (list(grads), runs, sparse)
+        return list(runs), list(sparse)
+
+    def seed_runs(self, runs: list[torch.Tensor]) -> None:
+        """Declare ``runs`` (covering exactly the dense ``grads``' memory) as the merged runs."""
+        self._memo = (list(self.grads), runs, [i for i, g in enumerate(self.grads) if g.is_sparse])
 
     def veto(self, skip: torch.Tensor) -> None:
         """Mark the step to be undone where the 0-dim bool ``skip`` is true (on the device)."""
@@ -210,7 +251,7 @@ class clip_by_global_norm(Transform):
         factor = global_scale(norm, self.clip_norm)
         runs, sparse = step.dense_runs()
         if runs:
-            torch._foreach_mul_(runs, factor.to(runs[0].dtype))
+            torch._foreach_mul_(runs, _cast(factor, runs[0].dtype))
         for i in sparse:
             step.grads[i] = map_values(step.grads[i], lambda v: v * factor.to(v.dtype))
         self.last_norm = norm

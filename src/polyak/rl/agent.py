@@ -1,9 +1,10 @@
 """What the training loop needs from an agent, and the state-dict plumbing they share.
 
 An agent exposes ``act(obs, explore)``, ``train_step(batch)`` (returns the losses as tensors, so
-nothing waits for the device) and ``on_env_step(step)``/``on_episode_start()`` hooks. Its state
-splits in two for the checkpoint: ``networks()`` (the online and target modules, the checkpoint's
-``"agent"`` entry) and ``training_state()`` (optimizers, target-network averagers, global steps,
+nothing waits for the device), ``train_burst(burst, n)`` (``n`` such steps on stacked
+minibatches) and ``on_env_step(step)``/``on_episode_start()`` hooks. Its state splits in two
+for the checkpoint: ``networks()`` (the online and target modules, the checkpoint's ``"agent"``
+entry) and ``training_state()`` (optimizers, target-network averagers, global steps,
 noise: everything else that must be restored for a bitwise-identical continuation).
 """
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from polyak.rl.replay import Batch
+from polyak.rl.replay import Batch, minibatch
 
 __all__ = ["Agent", "adam"]
 
@@ -53,6 +54,16 @@ class Agent:
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One gradient step on ``batch``; returns 0-dim loss tensors (no host sync)."""
         raise NotImplementedError
+
+    def train_burst(self, burst: Batch, n: int) -> dict[str, torch.Tensor]:
+        """``n`` gradient steps on the ``n`` stacked minibatches of ``burst`` (from
+        ``ReplayBuffer.sample_burst``), in order; returns the last step's losses. Agents may
+        override this to share work across the burst (DQN computes all targets at once)."""
+        batch_size = burst.obs.shape[0] // n
+        losses: dict[str, torch.Tensor] = {}
+        for k in range(n):
+            losses = self.train_step(minibatch(burst, k, batch_size))
+        return losses
 
     def on_episode_start(self) -> None:
         """Called before each training episode (resets temporally correlated noise)."""

@@ -8,7 +8,12 @@ One environment step ``t = 1 .. total_steps``::
     replay.add(s, a, r, s', terminated, truncated)
     agent.on_env_step(t)                # epsilon schedule, hard target copies
     if t > learning_starts and t % train_freq == 0:
-        gradient_steps x agent.train_step(replay.sample(batch_size))
+        burst = replay.sample_burst(gradient_steps, batch_size)   # all indices in one draw
+        agent.train_burst(burst, gradient_steps)   # = gradient_steps x agent.train_step(...)
+
+A burst's minibatch indices are drawn up front, in one call ``rng.integers(0, len(replay),
+size=(gradient_steps, batch_size))``; nothing enters the buffer during a burst, so each minibatch
+is still uniform over the same transitions as when drawn one at a time.
 
 Reproducibility: the only randomness is the seed's NumPy generator (warm-up actions, exploration
 noise, epsilon, replay sampling), torch's generators (network init; TD3's smoothing noise has its
@@ -278,8 +283,8 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
 
             agent.on_env_step(step)
             if step > config.learning_starts and step % config.train_freq == 0:
-                for _ in range(gradient_steps):
-                    last_losses.update(agent.train_step(replay.sample(config.batch_size)))
+                burst = replay.sample_burst(gradient_steps, config.batch_size)
+                last_losses.update(agent.train_burst(burst, gradient_steps))
             if step % config.log_every == 0 and last_losses:
                 logger.log(step, **{k: float(v) for k, v in last_losses.items()})
             bar.update(step)

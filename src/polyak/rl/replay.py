@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["Batch", "ReplayBuffer", "available_memory"]
+__all__ = ["Batch", "ReplayBuffer", "available_memory", "minibatch"]
 
 
 class Batch(NamedTuple):
@@ -34,6 +34,12 @@ class Batch(NamedTuple):
     next_obs: torch.Tensor  # [B, d]
     terminated: torch.Tensor  # [B] float 0/1: no bootstrap
     truncated: torch.Tensor  # [B] float 0/1: time-limit end, still bootstraps
+
+
+def minibatch(burst: Batch, k: int, batch_size: int) -> Batch:
+    """Minibatch ``k`` of a burst from :meth:`ReplayBuffer.sample_burst` (row views, no copy)."""
+    rows = slice(k * batch_size, (k + 1) * batch_size)
+    return Batch(*(field[rows] for field in burst))
 
 
 def available_memory() -> int:
@@ -118,9 +124,21 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int) -> Batch:
         """``batch_size`` transitions drawn uniformly with replacement."""
+        return self.sample_burst(1, batch_size)
+
+    def sample_burst(self, n: int, batch_size: int) -> Batch:
+        """The ``n`` minibatches of a training burst, stacked: ``n * batch_size`` rows.
+
+        All indices are drawn in one call, ``rng.integers(0, size, size=(n, batch_size))``
+        (row ``k`` is minibatch ``k``), then gathered and copied to the device once; split the
+        result with :func:`minibatch`. ``n=1`` is :meth:`sample`, draw for draw. The indices are
+        drawn from the buffer as it is when the burst starts, which is what drawing them one
+        minibatch at a time gives too: nothing is added to the buffer during a burst.
+        """
         if self.size == 0:
             raise ValueError("ReplayBuffer.sample: the buffer is empty")
-        rows = self._data[self.rng.integers(0, self.size, size=batch_size)]
+        idx = self.rng.integers(0, self.size, size=(n, batch_size))
+        rows = self._data[idx.reshape(-1)]
         t = torch.from_numpy(rows).to(self.device)
         actions = t[:, self._act]
         return Batch(
