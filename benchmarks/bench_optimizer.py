@@ -31,7 +31,7 @@ the median time per step over the rounds and the **median of the per-round ratio
 ``torch`` (both sides of a ratio ran in the same round, under the same machine load), with the
 25-75 % range of those ratios. After timing, the weights check that every variant did the
 work: polyak's four variants must end bit-identical to each other, the two torch loops too,
-and the two families within 5 % of the distance the weights travelled (their clip formulas
+and the two families within 25 % of the distance the weights travelled (their clip formulas
 differ in the last bits, TF's ``c * min(1/N, 1/c)`` against torch's ``c / (N + 1e-6)``, and
 training amplifies that).
 """
@@ -172,7 +172,7 @@ def run_case(name: str, device: torch.device, args) -> None:
         gc.enable()
     # Every variant took the same number of steps on the same batches. polyak's variants
     # (flat or not) must agree bit for bit, as must the two torch loops; polyak and torch differ
-    # by the clip formula's last bits, amplified by training: within 5 % of how far they moved.
+    # by the clip formula's last bits, amplified by training: within 25 % of how far they moved.
     final = {n: [p.detach() for p in m.parameters()] for n, (m, _) in runs.items()}
     for n, ws in final.items():
         same = final["torch" if n.startswith("torch") else "minimize"]
@@ -180,7 +180,7 @@ def run_case(name: str, device: torch.device, args) -> None:
             raise SystemExit(f"{name}/{n}: weights are not bit-identical to its reference")
     moved = max((a - b).abs().max().item() for a, b in zip(final["torch"], start))
     gap = max((a - b).abs().max().item() for a, b in zip(final["torch"], final["minimize"]))
-    if not gap <= 0.05 * moved:
+    if not gap <= 0.25 * moved:
         raise SystemExit(
             f"{name}: polyak and torch weights differ by {gap:.2e} (moved {moved:.2e})"
         )

@@ -216,3 +216,30 @@ def test_minimize_reuses_flat_layout_and_follows_relayout():
         opt.minimize(_loss(flat))
         for a, b in zip(ref.parameters(), flat.parameters()):
             assert torch.equal(a, b)
+
+
+def test_apply_reuses_its_copy_only_when_nobody_kept_it():
+    """apply_gradients copies into one buffer it reuses across steps, unless a transform
+    (or anything else) kept the last step's gradients: those are never overwritten."""
+
+    class Keep(T.Transform):
+        def __init__(self):
+            self.kept = []
+
+        def __call__(self, step):
+            self.kept.append((step.grads[0].view(-1), step.grads[0].clone()))
+
+    for keep in (False, True):
+        m = _model()
+        ts = [T.clip_by_global_norm(1e-3)] + ([Keep()] if keep else [])
+        opt = polyak.Optimizer(torch.optim.SGD(m.parameters(), lr=0.1), ts)
+        ptrs = set()
+        for _ in range(4):
+            gv = opt.compute_gradients(_loss(m))
+            opt.apply_gradients(gv)
+            ptrs.add(opt._copies._buf.data_ptr() if opt._copies._buf is not None else None)
+        if keep:
+            for view, value in ts[1].kept:
+                assert torch.equal(view, value.view(-1))
+        else:
+            assert len(ptrs) == 1  # one buffer, reused
