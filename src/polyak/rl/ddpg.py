@@ -24,7 +24,7 @@ Targets (Polyak averaging, the seed's ``ExponentialMovingAverage(decay=1 - TAU)`
     theta' <- (1 - tau) theta' + tau theta          # polyak.TargetNetwork(net, tau=tau)
 
 Exploration: ``a = clip(mu(s) + noise, -1, 1)`` in the normalized action box, noise Gaussian or
-Ornstein-Uhlenbeck. TD3 (``polyak.rl.td3``) reuses :func:`act_deterministic` and
+Ornstein-Uhlenbeck. TD3 (``polyak.rl.td3``) subclasses :class:`DDPG` and reuses
 :func:`deterministic_policy_gradient_step`.
 """
 
@@ -79,7 +79,13 @@ def deterministic_policy_gradient_step(
 
 
 class DDPG(Agent):
-    """DDPG with the seed's critic (the action joins at the second layer)."""
+    """DDPG with the seed's critic (the action joins at the second layer).
+
+    TD3 (:class:`polyak.rl.td3.TD3`) subclasses it: same actor, optimizers, targets and
+    exploration, with ``critic_class`` set to a twin critic and its own ``train_step``.
+    """
+
+    critic_class: type[nn.Module] = Critic
 
     def __init__(
         self,
@@ -91,7 +97,7 @@ class DDPG(Agent):
     ) -> None:
         self.config, self.device = config, device
         self.actor = Actor(obs_dim, action_dim, config.net_arch, config.final_init).to(device)
-        self.critic = Critic(
+        self.critic = self.critic_class(
             obs_dim, action_dim, config.net_arch, config.action_layer, config.final_init
         ).to(device)
         self.dtype = next(self.actor.parameters()).dtype

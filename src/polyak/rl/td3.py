@@ -26,11 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import polyak
-from polyak.rl.agent import Agent, adam
 from polyak.rl.config import TD3Config
-from polyak.rl.ddpg import act_deterministic, deterministic_policy_gradient_step
-from polyak.rl.networks import Actor, Critic
-from polyak.rl.noise import make_noise
+from polyak.rl.ddpg import DDPG, deterministic_policy_gradient_step
+from polyak.rl.networks import Critic
 from polyak.rl.replay import Batch
 
 __all__ = ["TD3", "TwinCritic"]
@@ -60,8 +58,10 @@ class _GeneratorState:
         self.generator.set_state(state["state"])
 
 
-class TD3(Agent):
-    """Twin Delayed DDPG."""
+class TD3(DDPG):
+    """Twin Delayed DDPG: DDPG's actor, optimizers, targets and exploration, a twin critic."""
+
+    critic_class = TwinCritic
 
     def __init__(
         self,
@@ -71,31 +71,10 @@ class TD3(Agent):
         rng: np.random.Generator,
         device: torch.device,
     ) -> None:
-        self.config, self.device = config, device
-        self.actor = Actor(obs_dim, action_dim, config.net_arch, config.final_init).to(device)
-        self.critic = TwinCritic(
-            obs_dim, action_dim, config.net_arch, config.action_layer, config.final_init
-        ).to(device)
-        self.dtype = next(self.actor.parameters()).dtype
-        self.actor_target = polyak.TargetNetwork(self.actor, tau=config.tau)
-        self.critic_target = polyak.TargetNetwork(self.critic, tau=config.tau)
-        self.actor_opt = polyak.Optimizer(adam(self.actor.parameters(), config.actor_lr))
-        self.critic_opt = polyak.Optimizer(
-            adam(self.critic.parameters(), config.critic_lr, weight_decay=config.critic_l2)
-        )
-        self.actor_step, self.critic_step = polyak.GlobalStep(), polyak.GlobalStep()
-        self.noise = make_noise(
-            config.noise_type, action_dim, rng, config.noise_std, config.ou_theta, config.ou_dt
-        )
+        super().__init__(config, obs_dim, action_dim, rng, device)
+        self.config: TD3Config = config
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(int(rng.integers(2**63)))
-
-    def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
-        return act_deterministic(self, self.actor, obs, self.noise if explore else None)
-
-    def on_episode_start(self) -> None:
-        if self.noise is not None:
-            self.noise.reset()
 
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.config
@@ -120,24 +99,5 @@ class TD3(Agent):
             self.critic_target.update()
         return losses
 
-    def networks(self) -> dict[str, nn.Module]:
-        return {
-            "actor": self.actor,
-            "critic": self.critic,
-            "actor_target": self.actor_target.module,
-            "critic_target": self.critic_target.module,
-        }
-
     def stateful(self) -> dict:
-        out = {
-            "actor_target": self.actor_target,
-            "critic_target": self.critic_target,
-            "actor_opt": self.actor_opt,
-            "critic_opt": self.critic_opt,
-            "actor_step": self.actor_step,
-            "critic_step": self.critic_step,
-            "generator": _GeneratorState(self.generator),
-        }
-        if self.noise is not None:
-            out["noise"] = self.noise
-        return out
+        return {**super().stateful(), "generator": _GeneratorState(self.generator)}
