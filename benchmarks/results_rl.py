@@ -17,7 +17,8 @@ finished runs are reused (re-running resumes or just re-evaluates them).
 ``--set KEY=VALUE`` (repeatable) passes overrides on top of the zoo preset to every run, and
 ``--tag NAME`` names that variant: run directories ``<algo>-<env>-NAME/seedS``, results key
 ``"<algo> <env> NAME"``, plot ``rl_<algo>_<env>-NAME.png``. E.g. the Double-DQN variant of
-docs/results.md: ``--only dqn --set double_dqn=true --tag double``.
+docs/results.md: ``--only dqn --set double_dqn=true --tag double``; the averaged-evaluation
+variant: ``--only dqn --seeds 0 1 2 3 4 --set eval_ema_decay=0.999 --tag eval-ema``.
 """
 
 from __future__ import annotations

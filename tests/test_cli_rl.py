@@ -90,3 +90,33 @@ def test_dqn_on_continuous_env_is_reported(tmp_path, capsys):
 def test_eval_without_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match=r"no checkpoint\.pt"):
         main(["eval", str(tmp_path)])
+
+
+def test_eval_of_an_eval_ema_run_acts_with_the_averaged_network(tmp_path, capsys):
+    """``polyak eval`` on a run with ``eval_ema_decay`` loads and acts with ``q_eval``: it
+    reproduces the final evaluation, and follows the checkpoint's ``q_eval`` (made to always
+    push left, then always right) while its online network stays as trained."""
+    import torch
+
+    run = tmp_path / "ema"
+    assert _train(run, "--set", "eval_ema_decay=0.9") == 0
+    summary = json.loads((run / "summary.json").read_text())
+    args = ["eval", str(run), "--episodes", "2", "--seed", "1000000"]  # the run's eval seed
+    capsys.readouterr()
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["returns"] == summary["final_eval_returns"]
+
+    ckpt_path = run / "checkpoint.pt"
+    original = torch.load(ckpt_path, weights_only=True)
+    returns = []
+    for bias in ([100.0, -100.0], [-100.0, 100.0]):
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        q_eval = ckpt["agent"]["q_eval"]
+        last = max(k for k in q_eval if k.endswith(".weight")).rsplit(".", 1)[0]
+        q_eval[f"{last}.weight"].zero_()
+        q_eval[f"{last}.bias"].copy_(torch.tensor(bias))
+        torch.save(ckpt, ckpt_path)
+        assert main(args) == 0
+        returns.append(json.loads(capsys.readouterr().out)["returns"])
+    torch.save(original, ckpt_path)
+    assert returns[0] != returns[1]  # the online network alone would give one answer

@@ -408,3 +408,59 @@ def test_dqn_greedy_action_follows_the_live_network():
     with torch.no_grad():  # a parameter whose storage is replaced: the views are rebuilt
         agent.q.layers[0].weight.data = agent.q.layers[0].weight.data.clone() * -1.0
     check()
+
+
+def test_dqn_eval_ema_is_the_average_of_the_online_weights():
+    """``eval_ema_decay``: after every gradient step, q_eval <- d * q_eval + (1 - d) * q."""
+    agent = _dqn(learning_rate=0.05, eval_ema_decay=0.75)
+    assert agent.q_eval is not agent.q
+    assert set(agent.networks()) == {"q", "q_target", "q_eval"}
+    assert "eval_ema" in agent.stateful()
+    start = [p.detach().clone() for p in agent.q.parameters()]
+    assert all(torch.equal(a, e) for a, e in zip(start, agent.q_eval.parameters(), strict=True))
+    agent.train_step(_batch(discrete_actions=[0, 2, 1, 1]))
+    after = [p.detach().clone() for p in agent.q.parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(start, after, strict=True))
+    for s, a, e in zip(start, after, agent.q_eval.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.75 * s + 0.25 * a)
+    # Off by default: evaluation acts with the online network, and nothing else is stored.
+    plain = _dqn()
+    assert plain.q_eval is plain.q and set(plain.stateful()) == {
+        "q_target",
+        "opt",
+        "step",
+        "env_step",
+    }
+    with pytest.raises(ValueError, match="eval_ema_decay"):
+        _dqn(eval_ema_decay=1.0)
+
+
+@pytest.mark.parametrize("numpy_path", [True, False])
+def test_dqn_greedy_evaluation_acts_with_the_averaged_weights(monkeypatch, numpy_path):
+    """With ``eval_ema_decay``, ``act(explore=False)`` is argmax of the EMA network (both the
+    NumPy fast path and the torch path), and exploration still acts with the online one."""
+    agent = _dqn(learning_rate=0.05, eval_ema_decay=0.9, eps_initial=0.0, eps_final=0.0)
+    if not numpy_path:
+        monkeypatch.setattr(agent, "_host_layers", lambda net: None)
+    agent.train_burst(_filled_replay().sample_burst(3, 8), 3)
+    # Flip the online network's output layer (no gradient step, so the average does not move):
+    # the online and the averaged greedy actions now disagree wherever there is a clear best.
+    with torch.no_grad():
+        agent.q.layers[-1].weight.mul_(-1.0)
+        agent.q.layers[-1].bias.mul_(-1.0)
+    obs = np.random.default_rng(2).normal(size=(200, 3)).astype(np.float32)
+    x = torch.from_numpy(obs)
+
+    def clear_argmax(q):
+        top2 = q.topk(2, dim=1).values
+        return q.argmax(1), (top2[:, 0] - top2[:, 1]) > 1e-4
+
+    q_avg, clear_avg = clear_argmax(agent.q_eval(x).detach())
+    q_online, clear_online = clear_argmax(agent.q(x).detach())
+    clear = clear_avg & clear_online
+    assert clear.sum() > 100
+    assert (q_avg[clear] != q_online[clear]).float().mean() > 0.5
+    greedy = torch.tensor([agent.act(o, explore=False) for o in obs])
+    assert torch.equal(greedy[clear], q_avg[clear])
+    explore = torch.tensor([agent.act(o, explore=True) for o in obs])  # epsilon is 0
+    assert torch.equal(explore[clear], q_online[clear])

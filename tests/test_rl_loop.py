@@ -176,3 +176,62 @@ def _parse(sets: dict[str, str]) -> dict:
     from polyak.rl.config import DQNConfig, parse_overrides
 
     return parse_overrides(DQNConfig, [f"{k}={v}" for k, v in sets.items()])
+
+
+def test_eval_ema_run_is_reproducible_and_resumes_bitwise(tmp_path, monkeypatch):
+    """``eval_ema_decay``: the average is in the checkpoint (networks and training state), two
+    runs are identical, and a crash mid-run resumes to the uninterrupted run's tensors."""
+    cfg = _config("dqn", eval_ema_decay=0.9)
+    train(cfg, tmp_path / "ref", progress=False)
+    train(cfg, tmp_path / "again", progress=False)
+    _assert_same_agent(tmp_path / "ref", tmp_path / "again")
+    ref_metrics = (tmp_path / "ref" / "metrics.csv").read_bytes()
+    assert (tmp_path / "again" / "metrics.csv").read_bytes() == ref_metrics
+    ckpt = load_checkpoint(tmp_path / "ref" / "checkpoint.pt")
+    assert "q_eval" in ckpt["agent"] and "eval_ema" in ckpt["training"]
+    assert ckpt["training"]["eval_ema"]["step"] > 0
+    assert not torch.equal(
+        ckpt["agent"]["q_eval"]["layers.0.weight"], ckpt["agent"]["q"]["layers.0.weight"]
+    )
+
+    calls = {"n": 0}
+    real_add = loop_mod.ReplayBuffer.add
+
+    def crashing_add(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 163:
+            raise _Crash
+        real_add(self, *args)
+
+    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", crashing_add)
+    with pytest.raises(_Crash):
+        train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", real_add)
+    assert 0 < load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loop"]["step"] < 300
+    train(cfg, tmp_path / "run", progress=False)
+    _assert_same_agent(tmp_path / "ref", tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.csv").read_bytes() == ref_metrics
+
+
+def test_rerunning_a_finished_run_logs_the_final_evaluation_once(tmp_path):
+    cfg = _config("dqn", total=120)
+    first = train(cfg, tmp_path, progress=False)
+    before = (tmp_path / "metrics.csv").read_bytes()
+    again = train(cfg, tmp_path, progress=False)
+    assert again["final_eval_return"] == first["final_eval_return"]
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [int(r["step"]) for r in rows if r["eval_return"]] == [120]
+    assert (tmp_path / "metrics.csv").read_bytes() == before
+
+
+def test_run_made_before_a_new_config_field_resumes_at_its_default(tmp_path):
+    """A ``config.json`` without a later-added key (``eval_ema_decay``) still matches when the
+    new config has that key at its default, and is refused when it does not."""
+    cfg = _config("dqn", total=60)
+    train(cfg, tmp_path, progress=False)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["eval_ema_decay"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    train(cfg, tmp_path, progress=False)
+    with pytest.raises(ConfigMismatchError, match=r"eval_ema_decay: 0.0 -> 0.5"):
+        train(_config("dqn", total=60, eval_ema_decay=0.5), tmp_path, progress=False)

@@ -108,6 +108,10 @@ class DQNConfig(RunConfig):
     eps_initial: float = 1.0
     eps_final: float = 0.1
     eps_fraction: float = 0.1  # fraction of total_steps over which epsilon anneals linearly
+    # Greedy evaluation (act(explore=False), periodic and final evaluations) uses an EMA of the
+    # online network's weights with this decay, updated after every gradient step; 0 = off
+    # (evaluate the online network). Training and exploration always use the online network.
+    eval_ema_decay: float = 0.0
 
 
 _CLASSES: dict[str, type[RunConfig]] = {"ddpg": DDPGConfig, "td3": TD3Config, "dqn": DQNConfig}

@@ -18,6 +18,13 @@ after every gradient step. Only ``terminated`` cuts the bootstrap: a time-limit 
 still has a future. Exploration is epsilon-greedy with epsilon annealed linearly from
 ``eps_initial`` to ``eps_final`` over the first ``eps_fraction * total_steps`` steps.
 
+Averaged evaluation weights (``eval_ema_decay > 0``, off by default): a
+``polyak.ExponentialMovingAverage`` of the online network's weights, stepped after every
+gradient step, whose ``average_module`` (``q_eval``, sharing memory with the shadows) is the
+network that greedy actions (``act(explore=False)``: every evaluation) use. Training targets,
+the loss and exploration keep using the online network. The average is checkpointed with the
+rest of the training state.
+
 Speed (same results as step-by-step training, tested): ``train_burst`` computes the targets of a
 whole training burst in one forward pass of ``Q'`` when the target is hard and vanilla (it cannot
 change during a burst); the online network is ``polyak.flatten_parameters_``-ed (one buffer for
@@ -83,8 +90,19 @@ class DQN(Agent):
             adam(self.q.parameters(), config.learning_rate), transforms=transforms
         )
         self.step = polyak.GlobalStep()  # gradient steps
-        self._host_key: tuple[int, ...] | None = None
-        self._host: list[tuple[np.ndarray, np.ndarray]] = []
+        # The network of greedy (evaluation) actions: the online one, or the EMA of its weights.
+        self.eval_ema: polyak.ExponentialMovingAverage | None = None
+        self.q_eval: nn.Module = self.q
+        if config.eval_ema_decay != 0.0:
+            if not 0.0 < config.eval_ema_decay < 1.0:
+                raise ValueError(
+                    f"dqn: eval_ema_decay must be in [0, 1) (0 = off), got {config.eval_ema_decay}"
+                )
+            self.eval_ema = polyak.ExponentialMovingAverage(config.eval_ema_decay)
+            self.eval_ema.track(self.q)  # starts equal to the online network
+            self.q_eval = self.eval_ema.average_module(self.q)
+        # NumPy views of a network's layers for the CPU acting path: id(net) -> (key, layers).
+        self._host: dict[int, tuple[tuple[int, ...], list[tuple[np.ndarray, np.ndarray]]]] = {}
         self.env_step = polyak.GlobalStep()  # environment steps seen, for the epsilon schedule
 
     @property
@@ -95,10 +113,11 @@ class DQN(Agent):
         # Draw the coin first and skip the network on a random action: fewer forward passes.
         if explore and self.rng.random() < self.epsilon:
             return int(self.rng.integers(self.n_actions))
-        layers = self._host_layers()
+        net = self.q if explore else self.q_eval
+        layers = self._host_layers(net)
         if layers is None:
             with torch.inference_mode():
-                return int(self.q(self.obs_tensor(obs)).argmax())
+                return int(net(self.obs_tensor(obs)).argmax())
         # One observation through the MLP in NumPy, on views of the live parameters: a few
         # microseconds where torch's per-op dispatch costs about 80 (acting is most of the
         # time of an environment step).
@@ -110,19 +129,21 @@ class DQN(Agent):
                 np.maximum(x, 0.0, out=x)
         return int(x.argmax())
 
-    def _host_layers(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
-        """NumPy views ``(W, b)`` of the online network's layers, if it lives in float32 host
-        memory; rebuilt whenever a parameter's storage changed (views never go stale)."""
+    def _host_layers(self, net: nn.Module) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """NumPy views ``(W, b)`` of ``net``'s layers (the online network or ``q_eval``), if it
+        lives in float32 host memory; rebuilt whenever a parameter's storage changed (views
+        never go stale)."""
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return None
-        key = tuple(p.data_ptr() for p in self.q.parameters())
-        if self._host_key != key:
-            self._host = [
+        key = tuple(p.data_ptr() for p in net.parameters())
+        cached = self._host.get(id(net))
+        if cached is None or cached[0] != key:
+            layers = [
                 (layer.weight.detach().numpy(), layer.bias.detach().numpy())
-                for layer in self.q.layers
+                for layer in net.layers  # type: ignore[union-attr]
             ]
-            self._host_key = key
-        return self._host
+            cached = self._host[id(net)] = (key, layers)
+        return cached[1]
 
     def td_target(self, batch: Batch) -> torch.Tensor:
         """``stop_gradient(r + gamma * (1 - terminated) * max_a' Q'(s', a'))`` (or Double DQN)."""
@@ -169,6 +190,8 @@ class DQN(Agent):
         self.opt.minimize(loss, global_step=self.step)
         if not self.hard_target:
             self.q_target.update()
+        if self.eval_ema is not None:
+            self.eval_ema.update()
         return {"loss": loss.detach()}
 
     def on_env_step(self, step: int) -> None:
@@ -177,12 +200,18 @@ class DQN(Agent):
             self.q_target.update()  # counts environment steps; copies on every N-th call
 
     def networks(self) -> dict[str, nn.Module]:
-        return {"q": self.q, "q_target": self.q_target.module}
+        nets = {"q": self.q, "q_target": self.q_target.module}
+        if self.eval_ema is not None:
+            nets["q_eval"] = self.q_eval  # the averaged weights that evaluations use
+        return nets
 
     def stateful(self) -> dict:
-        return {
+        state = {
             "q_target": self.q_target,
             "opt": self.opt,
             "step": self.step,
             "env_step": self.env_step,
         }
+        if self.eval_ema is not None:
+            state["eval_ema"] = self.eval_ema
+        return state

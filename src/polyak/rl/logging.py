@@ -12,7 +12,8 @@ apply::
 
 Only values that are a function of the seed go in, no wall-clock times, so two runs of the same
 command give identical files. On resume, rows past the checkpoint's step (written by the killed
-process after its last checkpoint) are dropped, and TensorBoard purges them too.
+process after its last checkpoint) are dropped, and TensorBoard purges them too; so is the final
+evaluation's row of a finished run, which re-running ``train`` on it evaluates and logs again.
 """
 
 from __future__ import annotations
@@ -43,11 +44,24 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, str]]:
 class MetricsLogger:
     """Appends rows to ``metrics.csv`` and mirrors scalars to TensorBoard when available."""
 
-    def __init__(self, run_dir: Path, loss_keys: Sequence[str], resume_step: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        loss_keys: Sequence[str],
+        resume_step: int,
+        final_step: int | None = None,
+    ) -> None:
+        """``final_step``: the run's last step, whose evaluation row (logged after the last
+        checkpoint) is dropped on resume, as it is logged again when the run ends."""
         self.columns = [*BASE_COLUMNS, *loss_keys]
         self.path = run_dir / "metrics.csv"
         if resume_step > 0 and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if int(r["step"]) <= resume_step]
+            kept = [
+                r
+                for r in read_metrics(self.path)
+                if int(r["step"]) <= resume_step
+                and not (int(r["step"]) == final_step and r.get("eval_return"))
+            ]
         else:
             kept = []
         tmp = self.path.with_name(".metrics.csv.tmp")

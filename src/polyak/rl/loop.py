@@ -153,6 +153,14 @@ def _check_run_dir(run_dir: Path, config: RunConfig) -> None:
     new = dataclasses.asdict(config)
     if path.exists():
         old = json.loads(path.read_text())
+        # A field added to the config after the run was made (absent from its config.json) is
+        # taken at its default: new fields default to the behavior the code had before them.
+        for f in dataclasses.fields(config):
+            if f.name not in old and f.name in new:
+                if f.default is not dataclasses.MISSING:
+                    old[f.name] = f.default
+                elif f.default_factory is not dataclasses.MISSING:
+                    old[f.name] = f.default_factory()
         diff = config_diff(old, new)
         if diff:
             raise ConfigMismatchError(
@@ -253,7 +261,11 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
             ckpt_path,
         )
 
-    logger = MetricsLogger(run_dir, _loss_keys(config), resume_step=step)
+    # The final evaluation is logged after the last checkpoint: re-running a finished run
+    # evaluates again, so its old row goes (periodic evaluations skip the last step).
+    logger = MetricsLogger(
+        run_dir, _loss_keys(config), resume_step=step, final_step=config.total_steps
+    )
     gradient_steps = config.gradient_steps if config.gradient_steps > 0 else config.train_freq
     bar = Progress(config.total_steps, step, f"{config.algo} {config.env}", enabled=progress)
     try:
