@@ -10,7 +10,7 @@ noise: everything else that must be restored for a bitwise-identical continuatio
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -87,21 +87,15 @@ class Agent:
         return {name: obj.state_dict() for name, obj in self.stateful().items()}
 
     def load_training_state(self, state: dict[str, Any]) -> None:
-        objs = self.stateful()
-        if set(state) != set(objs):
-            raise ValueError(
-                f"{type(self).__name__}: checkpoint training state has entries "
-                f"{sorted(state)}, expected {sorted(objs)}"
-            )
-        for name, obj in objs.items():
-            obj.load_state_dict(state[name])
+        _load_by_name(f"{type(self).__name__}: checkpoint training state", self.stateful(), state)
 
     def load_networks(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        nets = self.networks()
-        if set(state) != set(nets):
-            raise ValueError(
-                f"{type(self).__name__}: checkpoint networks {sorted(state)}, "
-                f"expected {sorted(nets)}"
-            )
-        for name, net in nets.items():
-            net.load_state_dict(state[name])
+        _load_by_name(f"{type(self).__name__}: checkpoint networks", self.networks(), state)
+
+
+def _load_by_name(what: str, objs: Mapping[str, _Stateful], state: Mapping[str, Any]) -> None:
+    """``objs[name].load_state_dict(state[name])`` for all names, which must be the same set."""
+    if set(state) != set(objs):
+        raise ValueError(f"{what} has entries {sorted(state)}, expected {sorted(objs)}")
+    for name, obj in objs.items():
+        obj.load_state_dict(state[name])
