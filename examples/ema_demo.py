@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import polyak
-from polyak.gradients.global_step import GlobalStep
 
 
 def main() -> None:
@@ -16,7 +15,7 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
     polyak.flatten_parameters_(model)  # one buffer: each EMA step is one kernel
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    step = GlobalStep()  # TF's global_step: the EMA reads it at every update
+    step = polyak.GlobalStep()  # TF's global_step: the EMA reads it at every update
     ema = polyak.ExponentialMovingAverage(decay=0.99, num_updates=step)
     ema.apply(model)
     x_test = torch.randn(2048, 16)
