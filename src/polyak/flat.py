@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["coalesce", "flatten_parameters_", "pack"]
+__all__ = ["coalesce", "flatten_parameters_", "pack", "runs", "span"]
 
 _HOOK_ATTR = "_polyak_flat_grad_hook"
 
@@ -116,11 +116,19 @@ def coalesce(*tensor_lists: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor],
     ``tensor_lists`` are parallel sequences (entry ``i`` of each list belongs together, e.g. a
     shadow and its variable). Entries ``i..j`` become one view when, in each list, they are
     contiguous, of one dtype and device, and each starts where the previous one ends inside
-    the same storage. Other entries pass through unchanged. The returned lists stay parallel,
-    cover exactly the same memory, and alias it (writing to a view writes the tensors).
+    the same storage (see :func:`runs`). Other entries pass through unchanged. The returned
+    lists stay parallel, cover exactly the same memory, and alias it (writing to a view
+    writes the tensors).
 
     Cost: a few pointer reads per tensor on the host; no device work, no sync.
     """
+    bounds = runs(*tensor_lists)
+    return tuple([span(ts, start, end) for start, end in bounds] for ts in tensor_lists)
+
+
+def runs(*tensor_lists: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """The ``(start, end)`` index ranges that :func:`coalesce` merges, in order, covering
+    every entry; a range of length 1 is a tensor that merges with nothing."""
     count = len(tensor_lists[0])
     if any(len(ts) != count for ts in tensor_lists):
         raise ValueError(
@@ -130,14 +138,8 @@ def coalesce(*tensor_lists: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor],
     breaks = [False] * count
     for ts in tensor_lists:
         _mark_breaks(ts, breaks)
-    out: tuple[list[torch.Tensor], ...] = tuple([] for _ in tensor_lists)
-    start = 0
-    for end in range(1, count + 1):
-        if end == count or breaks[end]:
-            for ts, merged in zip(tensor_lists, out):
-                merged.append(_span(ts, start, end))
-            start = end
-    return out
+    starts = [i for i in range(count) if breaks[i]]
+    return list(zip(starts, [*starts[1:], count]))
 
 
 def _mark_breaks(tensors: Sequence[torch.Tensor], breaks: list[bool]) -> None:
@@ -169,8 +171,9 @@ def _mark_breaks(tensors: Sequence[torch.Tensor], breaks: list[bool]) -> None:
         prev_end = end
 
 
-def _span(tensors: Sequence[torch.Tensor], start: int, end: int) -> torch.Tensor:
-    """One tensor standing for ``tensors[start:end]``: itself, or a 1-D view over the run."""
+def span(tensors: Sequence[torch.Tensor], start: int, end: int) -> torch.Tensor:
+    """One tensor standing for ``tensors[start:end]``, which must lie back to back in one
+    storage (a range from :func:`runs`): the tensor itself, or a 1-D view over the run."""
     if end - start == 1:
         return tensors[start]
     first = tensors[start]

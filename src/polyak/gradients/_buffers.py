@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from polyak.flat import _mark_breaks, _span
+from polyak.flat import runs, span
 
 __all__ = ["CopyBuffer", "RunCache", "dense_groups", "flat_copy", "flat_like"]
 
@@ -164,15 +164,7 @@ def _template(dense: Sequence[torch.Tensor]) -> list[torch.Tensor | int] | None:
     ends = map(operator.add, ptrs, map(_nbytes, dense))
     if not any(map(operator.eq, ptrs[1:], ends)):
         return None  # no tensor starts where the previous one ends: nothing can merge
-    count = len(dense)
-    breaks = [False] * count
-    _mark_breaks(dense, breaks)
-    if all(breaks[1:]):
+    bounds = runs(dense)
+    if all(end - start == 1 for start, end in bounds):
         return None
-    out: list[torch.Tensor | int] = []
-    start = 0
-    for end in range(1, count + 1):
-        if end == count or breaks[end]:
-            out.append(start if end - start == 1 else _span(dense, start, end))
-            start = end
-    return out
+    return [start if end - start == 1 else span(dense, start, end) for start, end in bounds]

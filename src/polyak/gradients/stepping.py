@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from polyak.flat import _span, coalesce
+from polyak.flat import coalesce, span
 from polyak.gradients._buffers import RunCache
 
 __all__ = ["InnerStepper"]
@@ -278,14 +278,14 @@ def _chunks(
         while n < total:
             m = members[i].numel()
             if size and size + m > _CPU_CHUNK:
-                out_p.append(_span(members, start, i))
-                out_g.append(_span(gs, start, i))
+                out_p.append(span(members, start, i))
+                out_g.append(span(gs, start, i))
                 start, size = i, 0
             size += m
             n += m
             i += 1
-        out_p.append(_span(members, start, i))
-        out_g.append(_span(gs, start, i))
+        out_p.append(span(members, start, i))
+        out_g.append(span(gs, start, i))
     return out_p, out_g
 
 
