@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -512,13 +513,14 @@ class ExponentialMovingAverage:
             self.shadow_dtype = dtype
         entries = list(self._entries.values())
 
-        def target(t: torch.Tensor) -> tuple[torch.device, torch.dtype]:
-            floating = t.is_floating_point() and dtype is not None
-            return (t.device if device is None else torch.device(device)), (
-                dtype if floating else t.dtype  # type: ignore[return-value]
+        specs = [
+            (
+                e.shadow.shape,
+                dtype if (dtype is not None and e.shadow.is_floating_point()) else e.shadow.dtype,
+                e.shadow.device if device is None else self.device,
             )
-
-        specs = [(e.shadow.shape, target(e.shadow)[1], target(e.shadow)[0]) for e in entries]
+            for e in entries
+        ]
         with torch.no_grad():
             for entry, view in zip(entries, pack(specs)):
                 view.copy_(entry.shadow)
@@ -593,7 +595,7 @@ class ExponentialMovingAverage:
             return items
         tensors = [var_list] if isinstance(var_list, torch.Tensor) else list(var_list)
         items = []
-        fresh = 0
+        fresh_names = self._fresh_names()
         for i, tensor in enumerate(tensors):
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(
@@ -611,21 +613,15 @@ class ExponentialMovingAverage:
                     "tensor is new at every step, so it must be passed by name, e.g. "
                     "ema.apply({'loss': loss})"
                 )
-            items.append((self._fresh_name(fresh), tensor, True, False))
-            fresh += 1
+            items.append((next(fresh_names), tensor, True, False))
         return items
 
-    def _fresh_name(self, skip: int) -> str:
-        """TF's default variable names: ``Variable``, ``Variable_1``, ... not yet taken."""
-        taken = 0
-        index = 0
-        while True:
+    def _fresh_names(self) -> Iterator[str]:
+        """TF's default variable names not yet taken: ``Variable``, ``Variable_1``, ..."""
+        for index in itertools.count():
             name = "Variable" if index == 0 else f"Variable_{index}"
-            index += 1
             if name not in self._entries:
-                if taken == skip:
-                    return name
-                taken += 1
+                yield name
 
     def _check_same_kind(self, entry: _Entry, tensor: torch.Tensor, is_value: bool) -> None:
         if entry.is_value != is_value:
@@ -795,7 +791,7 @@ class ExponentialMovingAverage:
 
     def _copy_step(self, plan: _Plan, values: Sequence[tuple[_Entry, torch.Tensor]]) -> None:
         for shadows, sources, _ in plan.lerps + plan.copies:
-            _copy_spans(shadows, sources)
+            _copy_each(shadows, sources)  # the plan's spans: already merged and detached
         for entry, value in values:
             entry.shadow.copy_(value.detach())
             if entry.biased is not None:
@@ -827,7 +823,7 @@ class ExponentialMovingAverage:
             else:
                 torch._foreach_lerp_(shadows, sources, weight)
         for shadows, sources, _ in plan.copies:
-            _copy_spans(shadows, sources)
+            _copy_each(shadows, sources)
         for entry, value in values:
             _average_value(entry, value, one_minus)
 
@@ -858,13 +854,16 @@ def _average_value(entry: _Entry, value: torch.Tensor, one_minus: float | torch.
 
 def _copy_spans(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     """``targets[i].copy_(sources[i])`` with as few kernels as the memory layout allows."""
-    if not targets:
-        return
-    t_spans, s_spans = coalesce(targets, [s.detach() for s in sources])
-    if all(t.device == s.device for t, s in zip(t_spans, s_spans)):
-        torch._foreach_copy_(t_spans, s_spans)
+    if targets:
+        _copy_each(*coalesce(targets, [s.detach() for s in sources]))
+
+
+def _copy_each(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``targets[i].copy_(sources[i])``: one foreach kernel when no copy crosses devices."""
+    if all(t.device == s.device for t, s in zip(targets, sources)):
+        torch._foreach_copy_(targets, sources)
     else:
-        for t, s in zip(t_spans, s_spans):
+        for t, s in zip(targets, sources):
             t.copy_(s)
 
 
