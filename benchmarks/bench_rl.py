@@ -8,7 +8,9 @@ trained by ``polyak.rl.train`` and by SB3's ``DDPG``/``DQN`` built from the *sam
 (:func:`sb3_kwargs` maps every field: learning rate, buffer, warm-up, batch, tau, gamma, training
 frequency and gradient steps, noise, target interval, exploration, gradient clipping, net_arch).
 Each training runs in a fresh interpreter with ``torch.set_num_threads(threads)``, sides
-alternating (polyak, SB3, polyak, SB3, ...), and the median steps/s over repeats is reported.
+alternating (polyak, SB3, polyak, SB3, ...); reported: the median steps/s of each side over the
+repeats, and the ratio of each polyak run to the SB3 run right after it (pairs run under the
+same machine conditions) with its median.
 
 Timed, in wall-clock and in CPU seconds of the process (the latter is steadier on a shared
 machine): the environment-step loop with its training (polyak: the loop's own timer, which leaves
@@ -152,11 +154,18 @@ def main() -> None:
             for side in ("polyak", "sb3"):
                 row[f"{side}_{clock}"] = statistics.median(r[clock] for r in rates[side])
             row[f"speedup_{clock}"] = row[f"polyak_{clock}"] / row[f"sb3_{clock}"]
+            # Each polyak run against the SB3 run right after it: the two share the machine's
+            # state of the moment, which on a shared VM drifts by more than the effect measured.
+            pairs = [a[clock] / b[clock] for a, b in zip(rates["polyak"], rates["sb3"])]
+            row[f"pair_speedups_{clock}"] = pairs
+            row[f"median_pair_speedup_{clock}"] = statistics.median(pairs)
         results.append(row)
         print(
             f"{algo} {cfg.env} {cfg.total_steps} steps, {args.threads} thread(s): polyak "
             f"{row['polyak_wall']:.0f} steps/s, SB3 {row['sb3_wall']:.0f} steps/s, speedup "
-            f"{row['speedup_wall']:.2f}x (per CPU second: {row['speedup_cpu']:.2f}x)",
+            f"{row['speedup_wall']:.2f}x (per CPU second: {row['speedup_cpu']:.2f}x); pairs "
+            f"{', '.join(f'{x:.2f}' for x in row['pair_speedups_wall'])}, median "
+            f"{row['median_pair_speedup_wall']:.2f}x",
             flush=True,
         )
     meta = {

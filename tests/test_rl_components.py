@@ -7,17 +7,20 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("gymnasium")
 import gymnasium as gym
 
 import polyak
+from polyak.rl import dqn as dqn_mod
 from polyak.rl import replay as replay_mod
+from polyak.rl.agent import adam
 from polyak.rl.config import DDPGConfig, DQNConfig, TD3Config, parse_overrides
 from polyak.rl.ddpg import DDPG, deterministic_policy_gradient_step
 from polyak.rl.dqn import DQN, linear_epsilon
 from polyak.rl.loop import make_agent
-from polyak.rl.networks import Critic
+from polyak.rl.networks import Critic, QNetwork
 from polyak.rl.noise import GaussianNoise, OrnsteinUhlenbeckNoise
 from polyak.rl.presets import make_config
 from polyak.rl.replay import Batch, ReplayBuffer, minibatch
@@ -135,6 +138,54 @@ def test_dqn_burst_with_frozen_target_equals_step_by_step():
     # The online net moved, the hard target did not (copies happen only in on_env_step).
     assert all(torch.equal(a, p) for a, p in zip(frozen, fast.q_target.module.parameters()))
     assert not torch.equal(next(fast.q.parameters()), next(_dqn().q.parameters()))
+
+
+def test_dqn_steps_equal_the_textbook_loop_bit_for_bit():
+    """A DQN burst is exactly the plain torch loop that Stable-Baselines3 writes (frozen
+    target, Huber loss on ``Q(s, a)``, clipping by global norm, Adam), with TF's clip factor
+    ``c * min(1 / norm, 1 / c)``: the same bits, on the same minibatches."""
+    n, b, clip = 12, 16, 0.5
+    agent = _dqn(target_update_interval=4, learning_rate=0.01, max_grad_norm=clip, gamma=0.9)
+    plain = QNetwork(3, 3, [16])
+    plain.load_state_dict(agent.q.state_dict())
+    target = QNetwork(3, 3, [16])
+    target.load_state_dict(agent.q_target.module.state_dict())
+    opt = adam(plain.parameters(), 0.01)
+    burst = _filled_replay().sample_burst(n, b)
+    agent.train_burst(burst, n)
+    clipped = 0
+    for k in range(n):
+        mb = minibatch(burst, k, b)
+        with torch.no_grad():
+            y = mb.rewards + 0.9 * (1.0 - mb.terminated) * target(mb.next_obs).max(1).values
+        q_sa = plain(mb.obs).gather(1, mb.actions.unsqueeze(1)).squeeze(1)
+        loss = F.smooth_l1_loss(q_sa, y)
+        opt.zero_grad()
+        loss.backward()
+        grads = [p.grad for p in plain.parameters()]
+        norm = torch.stack(torch._foreach_norm(grads)).square().sum().sqrt()
+        clipped += int(norm > clip)
+        torch._foreach_mul_(grads, clip * torch.clamp_max(norm.reciprocal(), 1.0 / clip))
+        opt.step()
+    assert clipped > 0  # the clip was active
+    for x, y in zip(agent.q.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_dqn_burst_targets_in_row_pieces_equal_step_by_step():
+    """A burst larger than one target piece (CPU: 512 rows; here 3 pieces, the last one
+    partial) gives the per-step targets, hence the same losses and weights."""
+    n, b = 20, 64
+    assert n * b > dqn_mod._CPU_TARGET_ROWS * 2
+    burst = _filled_replay().sample_burst(n, b)
+    fast = _dqn(target_update_interval=4, learning_rate=0.01)
+    slow = _dqn(target_update_interval=4, learning_rate=0.01)
+    losses = fast.train_burst(burst, n)
+    for k in range(n):
+        expected = slow.train_step(minibatch(burst, k, b))
+    torch.testing.assert_close(losses["loss"], expected["loss"])
+    for x, y in zip(fast.q.parameters(), slow.q.parameters(), strict=True):
+        torch.testing.assert_close(x, y)
 
 
 @pytest.mark.parametrize("kw", [{"double_dqn": True}, {"target_update_interval": 0, "tau": 0.5}])
@@ -433,6 +484,37 @@ def test_dqn_eval_ema_is_the_average_of_the_online_weights():
     }
     with pytest.raises(ValueError, match="eval_ema_decay"):
         _dqn(eval_ema_decay=1.0)
+
+
+def test_dqn_eval_ema_num_updates_follows_tf_rule_on_gradient_steps():
+    """``eval_ema_num_updates``: the n-th gradient step averages with decay
+    ``min(d, (1 + n) / (10 + n))`` (TF's ``num_updates`` rule, n counted after the step)."""
+    agent = _dqn(learning_rate=0.05, eval_ema_decay=0.9999, eval_ema_num_updates=True)
+    expected = [p.detach().clone().double() for p in agent.q.parameters()]
+    batch = _batch(discrete_actions=[0, 2, 1, 1])
+    for n in range(1, 6):
+        agent.train_step(batch)
+        assert int(agent.step) == n
+        d = min(0.9999, (1 + n) / (10 + n))  # 0.18, 0.25, ...: far from the cap
+        for e, p in zip(expected, agent.q.parameters(), strict=True):
+            e.mul_(d).add_(p.detach().double(), alpha=1 - d)
+    for e, avg in zip(expected, agent.q_eval.parameters(), strict=True):
+        torch.testing.assert_close(avg, e.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_zoo_cartpole_evaluates_the_averaged_network_and_trains_as_the_zoo():
+    """The zoo CartPole-v1 DQN adds only evaluation settings; the other zoo DQN entries and
+    every training field are rl-baselines3-zoo's."""
+    zoo = make_config("dqn", "CartPole-v1", "zoo")
+    assert (zoo.eval_ema_decay, zoo.eval_ema_num_updates) == (0.9999, True)
+    assert (zoo.learning_rate, zoo.target_update_interval, zoo.eps_final) == (2.3e-3, 10, 0.04)
+    for env in ("Acrobot-v1", "MountainCar-v0"):
+        other = make_config("dqn", env, "zoo")
+        assert (other.eval_ema_decay, other.eval_ema_num_updates) == (0.0, False)
+    # One override turns it off: the online network is evaluated, nothing extra is stored.
+    online = make_config("dqn", "CartPole-v1", "zoo", overrides={"eval_ema_decay": 0.0})
+    agent = DQN(online, 4, 2, np.random.default_rng(0), torch.device("cpu"))
+    assert agent.q_eval is agent.q and agent.eval_ema is None
 
 
 @pytest.mark.parametrize("numpy_path", [True, False])

@@ -112,6 +112,11 @@ class DQNConfig(RunConfig):
     # online network's weights with this decay, updated after every gradient step; 0 = off
     # (evaluate the online network). Training and exploration always use the online network.
     eval_ema_decay: float = 0.0
+    # TF's num_updates rule for that average, on the gradient-step count n: the decay is
+    # min(eval_ema_decay, (1 + n) / (10 + n)), an average over about the last n / 9 steps until
+    # the cap binds (n = 90k for 0.9999): the window grows with the run. No effect when
+    # eval_ema_decay is 0 (so `--set eval_ema_decay=0` alone turns the zoo CartPole average off).
+    eval_ema_num_updates: bool = False
 
 
 _CLASSES: dict[str, type[RunConfig]] = {"ddpg": DDPGConfig, "td3": TD3Config, "dqn": DQNConfig}

@@ -18,17 +18,20 @@ after every gradient step. Only ``terminated`` cuts the bootstrap: a time-limit 
 still has a future. Exploration is epsilon-greedy with epsilon annealed linearly from
 ``eps_initial`` to ``eps_final`` over the first ``eps_fraction * total_steps`` steps.
 
-Averaged evaluation weights (``eval_ema_decay > 0``, off by default): a
-``polyak.ExponentialMovingAverage`` of the online network's weights, stepped after every
-gradient step, whose ``average_module`` (``q_eval``, sharing memory with the shadows) is the
-network that greedy actions (``act(explore=False)``: every evaluation) use. Training targets,
-the loss and exploration keep using the online network. The average is checkpointed with the
+Averaged evaluation weights (``eval_ema_decay > 0``; on in the zoo CartPole-v1 preset, off
+otherwise): a ``polyak.ExponentialMovingAverage`` of the online network's weights, stepped after
+every gradient step (with ``eval_ema_num_updates``, TF's ``num_updates`` rule on the
+gradient-step count: decay ``min(eval_ema_decay, (1 + n) / (10 + n))``), whose
+``average_module`` (``q_eval``, sharing memory with the shadows) is the network that greedy
+actions (``act(explore=False)``: every evaluation) use. Training targets, the loss and
+exploration keep using the online network. The average is checkpointed with the
 rest of the training state.
 
 Speed (same results as step-by-step training, tested): ``train_burst`` computes the targets of a
-whole training burst in one forward pass of ``Q'`` when the target is hard and vanilla (it cannot
-change during a burst); the online network is ``polyak.flatten_parameters_``-ed (one buffer for
-the copy, the clipping and Adam); greedy actions on CPU run in NumPy on views of the weights.
+whole training burst at once (in 512-row pieces on CPU) when the target is hard and vanilla (it
+cannot change during a burst); the online network is ``polyak.flatten_parameters_``-ed (one
+buffer for the copy, the clipping and Adam); greedy actions on CPU run in NumPy on views of the
+weights.
 """
 
 from __future__ import annotations
@@ -42,9 +45,15 @@ import polyak
 from polyak.rl.agent import Agent, adam
 from polyak.rl.config import DQNConfig
 from polyak.rl.networks import QNetwork
-from polyak.rl.replay import Batch
+from polyak.rl.replay import Batch, minibatch
 
 __all__ = ["DQN", "linear_epsilon"]
+
+# Rows per forward pass of the batched target on CPU. The whole burst at once (8192 rows for the
+# zoo's CartPole) makes multi-MB activations that miss the caches and page-fault as fresh
+# allocations: 57 ms per burst against 19 ms in 512-row pieces, which stay in cache
+# (benchmarks/bench_rl_dqn_step.py). Same arithmetic per row, so the same targets.
+_CPU_TARGET_ROWS = 512
 
 
 def linear_epsilon(step: int, config: DQNConfig) -> float:
@@ -98,7 +107,10 @@ class DQN(Agent):
                 raise ValueError(
                     f"dqn: eval_ema_decay must be in [0, 1) (0 = off), got {config.eval_ema_decay}"
                 )
-            self.eval_ema = polyak.ExponentialMovingAverage(config.eval_ema_decay)
+            self.eval_ema = polyak.ExponentialMovingAverage(
+                config.eval_ema_decay,
+                num_updates=self.step if config.eval_ema_num_updates else None,
+            )
             self.eval_ema.track(self.q)  # starts equal to the online network
             self.q_eval = self.eval_ema.average_module(self.q)
         # NumPy views of a network's layers for the CPU acting path: id(net) -> (key, layers).
@@ -135,12 +147,14 @@ class DQN(Agent):
         never go stale)."""
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return None
-        key = tuple(p.data_ptr() for p in net.parameters())
+        # The layers' own tensors, not net.parameters(): walking the module tree cost more than
+        # the matrix-vector products this guards.
+        modules = net.layers  # type: ignore[union-attr]
+        key = tuple(t.data_ptr() for layer in modules for t in (layer.weight, layer.bias))
         cached = self._host.get(id(net))
         if cached is None or cached[0] != key:
             layers = [
-                (layer.weight.detach().numpy(), layer.bias.detach().numpy())
-                for layer in net.layers  # type: ignore[union-attr]
+                (layer.weight.detach().numpy(), layer.bias.detach().numpy()) for layer in modules
             ]
             cached = self._host[id(net)] = (key, layers)
         return cached[1]
@@ -169,8 +183,12 @@ class DQN(Agent):
         if not self.hard_target or self.config.double_dqn:
             return super().train_burst(burst, n)
         batch_size = burst.obs.shape[0] // n
+        rows = burst.obs.shape[0]
+        chunk = _CPU_TARGET_ROWS if self.device.type == "cpu" else rows
         with torch.no_grad():
-            targets = self.td_target(burst)
+            targets = torch.cat(
+                [self.td_target(minibatch(burst, k, chunk)) for k in range(-(-rows // chunk))]
+            )
         rows = 0
         losses: dict[str, torch.Tensor] = {}
         for _ in range(n):

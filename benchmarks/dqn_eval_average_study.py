@@ -1,0 +1,125 @@
+"""Which averaged network to evaluate DQN with: one training run, several read-offs.
+
+    python benchmarks/dqn_eval_average_study.py --seeds 100 101 ... [--set KEY=VALUE ...]
+                                                [--runs runs/study] [--out FILE.json]
+
+Trains ``polyak train dqn --env CartPole-v1 --preset zoo --total-steps 50000`` (plus ``--set``
+overrides) through :func:`polyak.rl.train`, with extra ``polyak.ExponentialMovingAverage``
+copies of the online Q-network, each stepped after every gradient step, and at every
+evaluation (every 5000 environment steps and the final one) evaluates, with the protocol of
+the run itself (10 greedy episodes, seeds ``seed + 1000000 + k``), the online network and each
+average. The training run is the plain zoo run: the averages only read the weights.
+
+This is the selection study of docs/results.md: it runs on seeds that are *not* the reported
+ones, and its choice is then run, unchanged, on the reported seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import polyak
+from polyak.rl import loop, make_config
+from polyak.rl.config import DQNConfig, parse_overrides
+from polyak.rl.dqn import DQN
+from polyak.rl.spaces import check_observations
+
+# (name, decay, num_updates): the decays span 1000 to 10000 gradient steps (8 to 80 bursts of
+# 128, 2000 to 20000 environment steps); the longest uses TF's num_updates warm-up
+# (decay min(d, (1 + n) / (10 + n))) so that the initial weights do not keep a share.
+AVERAGES = [
+    ("ema0.999", 0.999, False),
+    ("ema0.9995", 0.9995, False),
+    ("ema0.9998", 0.9998, False),
+    ("ema0.9999n", 0.9999, True),
+]
+
+
+class _StudyDQN(DQN):
+    """The zoo DQN with extra weight averages, evaluated at the run's evaluation steps."""
+
+    def __init__(self, config, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.averages = {}
+        for name, decay, warm in AVERAGES:
+            ema = polyak.ExponentialMovingAverage(decay, num_updates=self.step if warm else None)
+            ema.track(self.q)
+            self.averages[name] = ema
+        self.curves: dict[str, list[float]] = {"online": []} | {n: [] for n in self.averages}
+        self.codec = None
+
+    def _gradient_step(self, obs, actions, y):
+        losses = super()._gradient_step(obs, actions, y)
+        for ema in self.averages.values():
+            ema.update()
+        return losses
+
+    def on_env_step(self, step: int) -> None:
+        super().on_env_step(step)
+        cfg = self.config
+        if step % cfg.eval_every == 0 or step == cfg.total_steps:
+            own = self.q_eval
+            for name in self.curves:
+                net = self.q if name == "online" else self.averages[name].average_module(self.q)
+                self.q_eval = net
+                returns = loop.evaluate(
+                    self, self.codec, cfg.env, cfg.eval_episodes, cfg.seed + 1_000_000
+                )
+                self.curves[name].append(float(np.mean(returns)))
+            self.q_eval = own
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--runs", type=Path, default=Path("runs/study"))
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    made: list[_StudyDQN] = []
+
+    def make_agent(config, env, rng):
+        # loop.make_agent with the study's class: same construction, same random draws.
+        obs_dim = check_observations(env.observation_space, "dqn")
+        codec = loop._ActionCodec(env, "dqn")
+        agent = _StudyDQN(config, obs_dim, codec.n, rng, torch.device(config.device))
+        agent.codec = codec
+        made.append(agent)
+        return agent, codec, obs_dim
+
+    for seed in args.seeds:
+        cfg = make_config(
+            "dqn",
+            "CartPole-v1",
+            "zoo",
+            total_steps=50_000,
+            seed=seed,
+            overrides=parse_overrides(DQNConfig, args.overrides),
+        )
+        real_make_agent = loop.make_agent
+        loop.make_agent = make_agent
+        try:
+            loop.train(cfg, args.runs / f"seed{seed}", progress=False)
+        finally:
+            loop.make_agent = real_make_agent
+        curves = made[-1].curves
+        results[str(seed)] = curves
+        print(seed, {k: v[-1] for k, v in curves.items()}, flush=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+    for name in next(iter(results.values())):
+        finals = [r[name][-1] for r in results.values()]
+        print(
+            f"{name:12s} final >= 475 on {sum(f >= 475 for f in finals)}/{len(finals)}, "
+            f"mean {statistics.mean(finals):.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
