@@ -292,10 +292,15 @@ class ExponentialMovingAverage:
 
     def update(self) -> None:
         """One step for every tracked variable, reading its current value."""
+        one_minus = self._next_weight()
+        if one_minus is None and self._step >= self.update_after:
+            # A call between update_every steps (a hard target's N - 1 calls in N) touches no
+            # tensor: count it without checking the plan.
+            self._step += 1
+            return
         plan = self._plans.get(None)
         if plan is None or not plan.is_current():
             plan = self._plan(None, [e for e in self._entries.values() if not e.is_value])
-        one_minus = self._next_weight()
         single = plan.single
         if single is not None and type(one_minus) is float and not self.exact_tf:
             single[0].lerp_(single[1], one_minus)  # the hot path, without further calls
