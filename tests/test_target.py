@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import polyak
 from polyak import ExponentialMovingAverage, TargetNetwork
 
 
@@ -85,6 +86,37 @@ def test_hard_copies_every_n():
             assert torch.equal(target(x), online(x))
         for n, p in target.module.named_parameters():
             assert torch.equal(p, snapshot[n]), (call, n)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_hard_copy_is_a_copy_even_of_infinities(flat):
+    """A hard copy copies: an inf in the online weights arrives as inf (not the NaN of
+    ``b - (b - a) * 0``), and a target holding an inf becomes finite again at the next copy."""
+    online = net()
+    if flat:
+        polyak.flatten_parameters_(online)  # one buffer: the single-span hot path
+    target = TargetNetwork(online, every=2)
+    weight = online[0].weight
+    with torch.no_grad():
+        weight[0, 0] = float("inf")
+    target.update()
+    target.update()
+    assert torch.equal(target.module[0].weight, weight)
+    with torch.no_grad():
+        weight[0, 0] = 1.5
+    target.update()
+    target.update()
+    for (_, p), (_, q) in zip(target.module.named_parameters(), online.named_parameters()):
+        assert torch.equal(p, q)
+    # The same through a plain EMA with decay 0 (the general, per-span path).
+    ema = ExponentialMovingAverage(0.0)
+    a, c = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(2))
+    b = torch.tensor([1.0, float("-inf"), 2.0, 3.0])
+    ema.apply([a, c])
+    with torch.no_grad():
+        a.copy_(b)
+    ema.apply([a, c])
+    assert torch.equal(ema.average(a), b)
 
 
 def test_tau_zero_freezes():

@@ -303,7 +303,12 @@ class ExponentialMovingAverage:
             plan = self._plan(None, [e for e in self._entries.values() if not e.is_value])
         single = plan.single
         if single is not None and type(one_minus) is float and not self.exact_tf:
-            single[0].lerp_(single[1], one_minus)  # the hot path, without further calls
+            # The hot path, without further calls. Weight 1 (decay 0: a hard target's copy) is
+            # a copy: lerp's b - (b - a) * 0 would turn an inf on either side into NaN.
+            if one_minus == 1.0:
+                single[0].copy_(single[1])
+            else:
+                single[0].lerp_(single[1], one_minus)
             self._step += 1
             return
         self._step_plan(plan, (), one_minus)
@@ -823,6 +828,8 @@ class ExponentialMovingAverage:
                 diff = torch._foreach_sub(shadows, sources)
                 torch._foreach_mul_(diff, weight)
                 torch._foreach_sub_(shadows, diff)
+            elif weight == 1.0:  # decay 0: a copy (see update())
+                _copy_each(shadows, sources)
             elif len(shadows) == 1 and not isinstance(weight, list):
                 shadows[0].lerp_(sources[0], weight)
             else:
