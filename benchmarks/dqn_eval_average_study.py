@@ -8,7 +8,9 @@ overrides) through :func:`polyak.rl.train`, with extra ``polyak.ExponentialMovin
 copies of the online Q-network, each stepped after every gradient step, and at every
 evaluation (every 5000 environment steps and the final one) evaluates, with the protocol of
 the run itself (10 greedy episodes, seeds ``seed + 1000000 + k``), the online network and each
-average. The training run is the plain zoo run: the averages only read the weights.
+average. The training run is the plain zoo run: the averages only read the weights. (For the
+length of each run, ``polyak.rl.loop.make_agent`` is swapped for one that builds the DQN
+subclass carrying those averages, with the same construction and the same random draws.)
 
 This is the selection study of docs/results.md: it runs on seeds that are *not* the reported
 ones, and its choice is then run, unchanged, on the reported seeds.
