@@ -173,7 +173,7 @@ class DQN(Agent):
 
     def train_burst(self, burst: Batch, n: int) -> dict[str, torch.Tensor]:
         """``n`` gradient steps; with a hard target and no Double DQN, all ``n`` minibatches'
-        targets come from one forward pass of ``Q'``.
+        targets are computed up front, batched (in 512-row pieces on CPU).
 
         That is exact, not an approximation: hard copies happen in ``on_env_step``, between
         bursts, so ``Q'`` is the same network for every step of a burst, and the vanilla target
@@ -182,18 +182,16 @@ class DQN(Agent):
         """
         if not self.hard_target or self.config.double_dqn:
             return super().train_burst(burst, n)
-        batch_size = burst.obs.shape[0] // n
         rows = burst.obs.shape[0]
+        batch_size = rows // n
         chunk = _CPU_TARGET_ROWS if self.device.type == "cpu" else rows
         with torch.no_grad():
             targets = torch.cat(
                 [self.td_target(minibatch(burst, k, chunk)) for k in range(-(-rows // chunk))]
             )
-        rows = 0
         losses: dict[str, torch.Tensor] = {}
-        for _ in range(n):
-            sl = slice(rows, rows + batch_size)
-            rows += batch_size
+        for k in range(n):
+            sl = slice(k * batch_size, (k + 1) * batch_size)
             losses = self._gradient_step(burst.obs[sl], burst.actions[sl], targets[sl])
         return losses
 
