@@ -9,8 +9,8 @@ copies of the online Q-network, each stepped after every gradient step, and at e
 evaluation (every 5000 environment steps and the final one) evaluates, with the protocol of
 the run itself (10 greedy episodes, seeds ``seed + 1000000 + k``), the online network and each
 average. The training run is the plain zoo run: the averages only read the weights. (For the
-length of each run, ``polyak.rl.loop.make_agent`` is swapped for one that builds the DQN
-subclass carrying those averages, with the same construction and the same random draws.)
+length of each run, ``polyak.rl.loop.make_agent`` builds the DQN subclass carrying those
+averages in place of ``DQN``: the same construction and the same random draws.)
 
 This is the selection study of docs/results.md: it runs on seeds that are *not* the reported
 ones, and its choice is then run, unchanged, on the reported seeds.
@@ -24,13 +24,12 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import polyak
+from polyak.rl import dqn as dqn_mod
 from polyak.rl import loop, make_config
 from polyak.rl.config import DQNConfig, parse_overrides
 from polyak.rl.dqn import DQN
-from polyak.rl.spaces import check_observations
 
 # (name, decay, num_updates): the decays span 1000 to 10000 gradient steps (8 to 80 bursts of
 # 128, 2000 to 20000 environment steps); the longest uses TF's num_updates warm-up
@@ -86,12 +85,16 @@ def main() -> None:
     args = p.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     made: list[_StudyDQN] = []
+    real_make_agent = loop.make_agent
 
     def make_agent(config, env, rng):
-        # loop.make_agent with the study's class: same construction, same random draws.
-        obs_dim = check_observations(env.observation_space, "dqn")
-        codec = loop._ActionCodec(env, "dqn")
-        agent = _StudyDQN(config, obs_dim, codec.n, rng, torch.device(config.device))
+        # loop.make_agent itself, with the study's class in place of DQN: same construction,
+        # same random draws.
+        dqn_mod.DQN = _StudyDQN
+        try:
+            agent, codec, obs_dim = real_make_agent(config, env, rng)
+        finally:
+            dqn_mod.DQN = DQN
         agent.codec = codec
         made.append(agent)
         return agent, codec, obs_dim
@@ -105,7 +108,6 @@ def main() -> None:
             seed=seed,
             overrides=parse_overrides(DQNConfig, args.overrides),
         )
-        real_make_agent = loop.make_agent
         loop.make_agent = make_agent
         try:
             loop.train(cfg, args.runs / f"seed{seed}", progress=False)
