@@ -91,26 +91,32 @@ class _Crash(Exception):
     pass
 
 
+def _crash_at_replay_write(cfg, run_dir: Path, monkeypatch, n: int) -> int:
+    """Train in ``run_dir`` until the ``n``-th replay write raises; return the step of the
+    checkpoint left behind (replay writes work again afterwards)."""
+    calls = {"n": 0}
+    real_add = loop_mod.ReplayBuffer.add
+
+    def crashing_add(self, *args):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise _Crash
+        real_add(self, *args)
+
+    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", crashing_add)
+    with pytest.raises(_Crash):
+        train(cfg, run_dir, progress=False)
+    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", real_add)
+    return load_checkpoint(run_dir / "checkpoint.pt")["loop"]["step"]
+
+
 @pytest.mark.parametrize(("algo", "crash_at"), [("ddpg", 163), ("td3", 251), ("dqn", 101)])
 def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch, algo, crash_at):
     """A crash mid-episode (and at a checkpoint step) resumes to the same agent tensors."""
     cfg = _config(algo, noise_type="ou") if algo == "ddpg" else _config(algo)
     train(cfg, tmp_path / "ref", progress=False)
 
-    calls = {"n": 0}
-    real_add = loop_mod.ReplayBuffer.add
-
-    def crashing_add(self, *args):
-        calls["n"] += 1
-        if calls["n"] == crash_at:
-            raise _Crash
-        real_add(self, *args)
-
-    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", crashing_add)
-    with pytest.raises(_Crash):
-        train(cfg, tmp_path / "run", progress=False)
-    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", real_add)
-    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loop"]["step"] < 300
+    assert _crash_at_replay_write(cfg, tmp_path / "run", monkeypatch, crash_at) < 300
     train(cfg, tmp_path / "run", progress=False)
     _assert_same_agent(tmp_path / "ref", tmp_path / "run")
     ref_metrics = (tmp_path / "ref" / "metrics.csv").read_bytes()
@@ -194,20 +200,7 @@ def test_eval_ema_run_is_reproducible_and_resumes_bitwise(tmp_path, monkeypatch)
         ckpt["agent"]["q_eval"]["layers.0.weight"], ckpt["agent"]["q"]["layers.0.weight"]
     )
 
-    calls = {"n": 0}
-    real_add = loop_mod.ReplayBuffer.add
-
-    def crashing_add(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 163:
-            raise _Crash
-        real_add(self, *args)
-
-    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", crashing_add)
-    with pytest.raises(_Crash):
-        train(cfg, tmp_path / "run", progress=False)
-    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", real_add)
-    assert 0 < load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loop"]["step"] < 300
+    assert 0 < _crash_at_replay_write(cfg, tmp_path / "run", monkeypatch, 163) < 300
     train(cfg, tmp_path / "run", progress=False)
     _assert_same_agent(tmp_path / "ref", tmp_path / "run")
     assert (tmp_path / "run" / "metrics.csv").read_bytes() == ref_metrics
