@@ -152,14 +152,18 @@ def test_state_dict_round_trip(decay, zero_debias, update_every, update_after, b
         assert sa["step"] == sb["step"]
         assert sa["averages"].keys() == sb["averages"].keys()
         for name in sa["averages"]:
-            assert torch.equal(sa["averages"][name], sb["averages"][name]), name
-            assert sa["averages"][name].dtype == sb["averages"][name].dtype
+            # decay 1 with zero_debias divides 0 by 0: NaN on both sides is the same state.
+            torch.testing.assert_close(
+                sa["averages"][name], sb["averages"][name], rtol=0, atol=0, equal_nan=True
+            )
         assert sa["values"].keys() == sb["values"].keys()
         for name, state in sa["values"].items():
             assert state["local_step"] == sb["values"][name]["local_step"]
             assert ("biased" in state) == ("biased" in sb["values"][name])
             if "biased" in state:
-                assert torch.equal(state["biased"], sb["values"][name]["biased"])
+                torch.testing.assert_close(
+                    state["biased"], sb["values"][name]["biased"], rtol=0, atol=0, equal_nan=True
+                )
 
     same(ema, fresh)
     assert fresh.step == 1 + 2 * before

@@ -55,7 +55,7 @@ def pack(
     return views
 
 
-def flatten_parameters_(module: nn.Module) -> nn.Module:
+def flatten_parameters_(module: nn.Module, *, grads: bool = True) -> nn.Module:
     """Move ``module``'s parameters into one contiguous buffer per (device, dtype), in place.
 
     Every ``Parameter`` object stays the same (only its ``.data`` becomes a view into the
@@ -65,6 +65,13 @@ def flatten_parameters_(module: nn.Module) -> nn.Module:
     to ``None`` (with ``zero_grad(set_to_none=False)`` they accumulate there in place, at no
     extra cost). Parameters that never receive a gradient keep ``grad=None``, so optimizers
     skip them as before.
+
+    ``grads=False`` flattens the weights only and leaves gradients where autograd puts them
+    (removing the slots of an earlier call; ``.grad`` values are kept). That is the faster
+    choice when the optimizer takes all tensors in one kernel anyway (``fused=True`` Adam):
+    a flat gradient buffer must be zeroed and accumulated into on every backward, which on a
+    CPU costs about 50 us per step for a 67k-parameter MLP, while autograd's own gradients
+    are handed over without a copy.
 
     Anything that later replaces a parameter's storage (``module.to(...)``, ``param.data = t``)
     takes that parameter out of the buffer; consumers notice through :func:`coalesce` and fall
@@ -78,17 +85,27 @@ def flatten_parameters_(module: nn.Module) -> nn.Module:
         for param, view in zip(params, pack([(p.shape, p.dtype, p.device) for p in params])):
             view.copy_(param)
             param.data = view
+        if not grads:
+            for param in trainable:
+                _detach_grad_slot(param)
+            return module
         slots = pack([(p.shape, p.dtype, p.device) for p in trainable], zeros=True)
         for param, slot in zip(trainable, slots):
             _attach_grad_slot(param, slot)
     return module
 
 
+def _detach_grad_slot(param: nn.Parameter) -> None:
+    """Stop moving ``param``'s gradients into a slot (no-op if it has none)."""
+    hook = getattr(param, _HOOK_ATTR, None)
+    if hook is not None:
+        hook.remove()
+        delattr(param, _HOOK_ATTR)
+
+
 def _attach_grad_slot(param: nn.Parameter, slot: torch.Tensor) -> None:
     """Make ``slot`` the home of ``param.grad`` now and after every backward."""
-    old = getattr(param, _HOOK_ATTR, None)
-    if old is not None:
-        old.remove()
+    _detach_grad_slot(param)
     if param.grad is not None and not param.grad.is_sparse:
         slot.copy_(param.grad)
         param.grad = slot

@@ -30,6 +30,7 @@ import torch
 
 from polyak.flat import coalesce, span
 from polyak.gradients._buffers import RunCache
+from polyak.gradients._update import functional_update
 
 __all__ = ["InnerStepper"]
 
@@ -97,24 +98,21 @@ class InnerStepper:
             self.reset()
         given = {id(p): g for p, g in zip(params, grads)}
         twinned: list[tuple[_Twin, list[torch.Tensor]]] = []  # (twin, gradient runs)
+        plain: list[tuple[dict[str, Any], list, list]] = []  # (group, params, grads): no twin
         # What the step changes: (tensor, its optimizer state) for the undo of a vetoed step.
         stepped: list[tuple[torch.Tensor, dict[str, Any]]] = []
-        bound: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (param, .grad to restore)
         for gi, group in enumerate(inner.param_groups):
             gs = [given.get(id(p)) for p in group["params"]]
             found = self._flat_twin(gi, gs) if self.flat else None
             if found is not None:
                 twinned.append(found)
                 stepped += [(r, found[0].opt.state) for r in found[0].runs]
-            else:
-                self._retire(gi)
-            for p, g in zip(group["params"], gs):
-                g = None if found is not None else g  # the twin steps these, not inner
-                if g is not None:
-                    stepped.append((p, inner.state))
-                if p.grad is not g:
-                    bound.append((p, p.grad))
-                    p.grad = g
+                continue
+            self._retire(gi)
+            ps = [p for p, g in zip(group["params"], gs) if g is not None]
+            plain.append((group, ps, [g for g in gs if g is not None]))
+            stepped += [(p, inner.state) for p in ps]
+        bound: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (param, .grad to restore)
         try:
             undo, fresh = _snapshot(stepped) if skip is not None else ([], [])
             if skip is not None and any(t.device != skip.device for t, _ in undo):
@@ -125,9 +123,20 @@ class InnerStepper:
                 undo, fresh, skip = [], [], None
             for twin, grad_runs in twinned:
                 self._step_twin(twin, grad_runs)
-            # Always called, also when twins did all the work: step hooks and LR schedulers
-            # watch it, and with no .grad set it touches nothing.
-            inner.step()
+            update = functional_update(inner)
+            pending = plain if update is None else [e for e in plain if e[1] and not update(*e)]
+            if update is None or pending:
+                # Through inner.step(), with .grad set for exactly the pending parameters. Always
+                # when step hooks or an LR scheduler watch it (update is None), even if twins did
+                # all the work: with no .grad set it touches nothing.
+                live = {id(p): g for _, ps, gs in pending for p, g in zip(ps, gs)}
+                for group in inner.param_groups:
+                    for p in group["params"]:
+                        g = live.get(id(p))
+                        if p.grad is not g:
+                            bound.append((p, p.grad))
+                            p.grad = g
+                inner.step()
             for t, old in undo:
                 t.copy_(torch.where(skip, old, t))  # type: ignore[arg-type]
             if any(state.get(t) for t, state in fresh) and bool(skip):
@@ -209,6 +218,9 @@ class InnerStepper:
             if k not in _NOT_HYPER:
                 tgroup[k] = v
         fresh = [run not in twin.opt.state for run in twin.runs]
+        update = functional_update(twin.opt)
+        if update is not None and update(tgroup, twin.runs, grad_runs):
+            return
         for run, g in zip(twin.runs, grad_runs):
             run.grad = g
         try:

@@ -30,8 +30,8 @@ rest of the training state.
 Speed (same results as step-by-step training, tested): ``train_burst`` computes the targets of a
 whole training burst at once (in 512-row pieces on CPU) when the target is hard and vanilla (it
 cannot change during a burst); the online network is ``polyak.flatten_parameters_``-ed (one
-buffer for the copy, the clipping and Adam); greedy actions on CPU run in NumPy on views of the
-weights.
+buffer for the target copy and the average; one for the gradients too when Adam is not fused);
+greedy actions on CPU run in NumPy on views of the weights.
 """
 
 from __future__ import annotations
@@ -83,9 +83,11 @@ class DQN(Agent):
             )
         self.config, self.device, self.rng, self.n_actions = config, device, rng, n_actions
         self.q = QNetwork(obs_dim, n_actions, config.net_arch, config.final_init).to(device)
-        # One contiguous buffer for the weights and one for the gradients: the target copy,
-        # gradient clipping and Adam then run one kernel each over all of them.
-        polyak.flatten_parameters_(self.q)
+        inner = adam(self.q.parameters(), config.learning_rate)
+        # One contiguous buffer for the weights: the target copy and the evaluation average are
+        # one kernel each. Gradients get one too unless Adam is fused: it takes all tensors in
+        # one kernel anyway, and autograd's own gradients then need no zeroing and no copy.
+        polyak.flatten_parameters_(self.q, grads=not inner.defaults["fused"])
         self.dtype = next(self.q.parameters()).dtype
         self.hard_target = config.target_update_interval > 0
         if self.hard_target:
@@ -95,9 +97,7 @@ class DQN(Agent):
         transforms = []
         if config.max_grad_norm > 0:
             transforms.append(polyak.transforms.clip_by_global_norm(config.max_grad_norm))
-        self.opt = polyak.Optimizer(
-            adam(self.q.parameters(), config.learning_rate), transforms=transforms
-        )
+        self.opt = polyak.Optimizer(inner, transforms=transforms)
         self.step = polyak.GlobalStep()  # gradient steps
         # The network of greedy (evaluation) actions: the online one, or the EMA of its weights.
         self.eval_ema: polyak.ExponentialMovingAverage | None = None
