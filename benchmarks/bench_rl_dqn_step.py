@@ -1,10 +1,10 @@
 """Cost of one DQN gradient step (zoo CartPole-v1 shapes), polyak against bare torch.
 
-    python benchmarks/bench_rl_dqn_step.py [--repeats 6]
+    python benchmarks/bench_rl_dqn_step.py [--repeats 15]
 
 One burst of 128 minibatches of 64 (``ReplayBuffer.sample_burst``) is trained three ways, in CPU
 seconds per gradient step, one thread: ``DQN.train_burst`` (polyak: batched target, then
-``Optimizer.minimize`` with global-norm clipping at 10 on the flattened network); a bare torch
+``Optimizer.minimize`` with global-norm clipping at 10, Adam, the evaluation average); a bare torch
 loop doing the same arithmetic (batched target, forward, ``smooth_l1_loss``, ``backward``,
 ``clip_grad_norm_``, fused ``Adam.step``) on the same network; and forward + backward alone.
 The difference between the first two is what polyak adds on top of torch's kernels.
@@ -13,6 +13,7 @@ The difference between the first two is what polyak adds on top of torch's kerne
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -24,17 +25,16 @@ from polyak.rl.presets import make_config
 from polyak.rl.replay import ReplayBuffer
 
 
-def per_call(fn, repeats: int) -> float:
-    fn()
+def timed(fn) -> float:
+    """CPU seconds of one call."""
     start = time.process_time()
-    for _ in range(repeats):
-        fn()
-    return (time.process_time() - start) / repeats
+    fn()
+    return time.process_time() - start
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=15)
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = make_config("dqn", "CartPole-v1", "zoo")
@@ -58,7 +58,7 @@ def main() -> None:
             rows = slice(k * b, (k + 1) * b)
             q_sa = q(burst.obs[rows]).gather(1, burst.actions[rows].unsqueeze(1)).squeeze(1)
             loss = F.smooth_l1_loss(q_sa, y_all[rows])
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
@@ -69,14 +69,19 @@ def main() -> None:
             q_sa = q(burst.obs[rows]).gather(1, burst.actions[rows].unsqueeze(1)).squeeze(1)
             F.smooth_l1_loss(q_sa, burst.rewards[rows]).backward()
 
-    polyak_ms = per_call(lambda: agent.train_burst(burst, n), args.repeats) / n * 1e3
-    bare_ms = per_call(bare, args.repeats) / n * 1e3
-    fb_ms = per_call(forward_backward, args.repeats) / n * 1e3
+    # Interleaved rounds, medians: the VM's speed drifts between runs seconds apart.
+    variants = {"polyak": lambda: agent.train_burst(burst, n), "bare": bare, "fb": forward_backward}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():
+        fn()  # warm-up: allocations, optimizer state
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn) / n * 1e3)
+    polyak_ms, bare_ms, fb_ms = (statistics.median(times[k]) for k in variants)
     print(
-        f"per gradient step (CPU ms): polyak {polyak_ms:.3f}, bare torch {bare_ms:.3f}, "
-        f"forward+backward only {fb_ms:.3f}"
+        f"per gradient step (CPU ms, median of {args.repeats} interleaved rounds): "
+        f"polyak {polyak_ms:.3f}, bare torch {bare_ms:.3f}, forward+backward only {fb_ms:.3f}"
     )
-
 
 if __name__ == "__main__":
     main()

@@ -125,6 +125,23 @@ class TestFlatten:
             assert torch.equal(p.grad, q.grad)
         assert_one_buffer(list(flat.parameters()))
 
+    def test_weights_only_leaves_gradients_to_autograd(self):
+        model = flatten_parameters_(mlp())  # slots first: grads=False must remove them
+        flatten_parameters_(model, grads=False)
+        twin = mlp()
+        assert_one_buffer(list(model.parameters()))
+        x = torch.randn(4, 5)
+        for _ in range(2):  # set_to_none zero_grad, then accumulation, as plain torch
+            model(x).sum().backward()
+            twin(x).sum().backward()
+            grads = [p.grad for p in model.parameters()]
+            assert len({g.untyped_storage().data_ptr() for g in grads}) == len(grads)
+            assert same_grads(model, twin)
+        flatten_parameters_(model)  # and back: the slots return
+        model.zero_grad()
+        model(x).sum().backward()
+        assert_one_buffer([p.grad for p in model.parameters()])
+
     def test_gradients_land_in_flat_buffer(self):
         model = flatten_parameters_(mlp())
         twin = mlp()

@@ -13,11 +13,15 @@ optimizers whose update is elementwise are twinned (SGD, Adam, AdamW, without
 ``differentiable``): the twin then computes exactly the same numbers as the inner optimizer
 over the same implementation (for-loop, foreach or fused), just in fewer kernels.
 
-Anything else falls back to ``inner.step()`` on the original parameters: a parameter without
-a gradient, memory that is no longer contiguous, a new ``inner.state`` (``load_state_dict``).
-A group leaving the flat path first gets private copies of its shared 0-dim state; it comes
-back when its parameters' scalar state agrees again (checked once, on the host, which syncs
-if that state lives on an accelerator: capturable or fused optimizers).
+Anything else falls back to the inner optimizer on the original parameters: a parameter
+without a gradient, memory that is no longer contiguous, a new ``inner.state``
+(``load_state_dict``). A group leaving the flat path first gets private copies of its shared
+0-dim state; it comes back when its parameters' scalar state agrees again (checked once, on the
+host, which syncs if that state lives on an accelerator: capturable or fused optimizers).
+
+Either way, a group whose state exists is stepped through torch's functional update rather
+than ``Optimizer.step`` (:mod:`polyak.gradients._update`: the same bits, without step's
+wrapper) unless hooks, an LR scheduler or the group's settings need ``step`` itself.
 """
 
 from __future__ import annotations
