@@ -10,6 +10,7 @@ public functional update (``torch.optim.adam.adam``, ``torch.optim.adamw.adamw``
 Where ``step`` would do anything more, the caller uses ``step``:
 
 - step hooks registered (on the optimizer or globally);
+- CUDA graph capture in progress (``step`` checks that the groups are ``capturable``);
 - ``step`` replaced on the instance (LR schedulers wrap it to see that it was called);
 - ``differentiable`` groups;
 - sparse gradients;
@@ -44,15 +45,27 @@ def functional_update(opt: torch.optim.Optimizer) -> Update | None:
         return None
     if torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks:
         return None
+    if _cuda_capturing():
+        return None  # step() checks that every group is capturable
     update = _UPDATES[kind]
 
-    def step(group: dict[str, Any], params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]):
+    def step(
+        group: dict[str, Any], params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
+    ) -> bool:
         if group["differentiable"] or any(g.is_sparse for g in grads):
             return False
         with torch.no_grad():
             return update(opt, group, params, grads)
 
     return step
+
+
+def _cuda_capturing() -> bool:
+    return (
+        torch.backends.cuda.is_built()
+        and torch.cuda.is_available()
+        and torch.cuda.is_current_stream_capturing()
+    )
 
 
 def _adam(
