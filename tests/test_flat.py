@@ -127,7 +127,9 @@ class TestFlatten:
 
     def test_weights_only_leaves_gradients_to_autograd(self):
         model = flatten_parameters_(mlp())  # slots first: grads=False must remove them
+        model[0].bias.requires_grad_(False)  # frozen ones' slots too
         flatten_parameters_(model, grads=False)
+        model[0].bias.requires_grad_(True)
         twin = mlp()
         assert_one_buffer(list(model.parameters()))
         x = torch.randn(4, 5)
@@ -136,6 +138,7 @@ class TestFlatten:
             twin(x).sum().backward()
             grads = [p.grad for p in model.parameters()]
             assert len({g.untyped_storage().data_ptr() for g in grads}) == len(grads)
+            assert all(g.untyped_storage().nbytes() == g.nbytes for g in grads)  # own storage
             assert same_grads(model, twin)
         flatten_parameters_(model)  # and back: the slots return
         model.zero_grad()

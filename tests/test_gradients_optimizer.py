@@ -56,6 +56,15 @@ def test_sgd_step_by_hand_and_global_step(how):
     assert int(step) == 1 and step.value == 1
 
 
+def test_gradient_dtype_or_device_mismatch_is_named():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = polyak.Optimizer(torch.optim.SGD([w], lr=0.1), names={"w": w})
+    opt.apply_gradients([(torch.ones(3), w)])
+    with pytest.raises(ValueError, match=r"w is torch.float64 on cpu.*g.to\(v\)"):
+        opt.apply_gradients([(torch.ones(3, dtype=torch.float64), w)])
+    assert torch.equal(w.detach(), torch.full((3,), 0.9))  # nothing moved
+
+
 def test_unused_variables_skipped_and_all_none_raises():
     used, unused = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3))
     opt = polyak.Optimizer(torch.optim.SGD([used, unused], lr=1.0))

@@ -7,10 +7,12 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.optim.adamw import adamw
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import polyak
 from polyak import transforms as T
+from polyak.gradients import _update
 from polyak.gradients._update import functional_update
 
 OPTIMIZERS = {
@@ -30,6 +32,7 @@ OPTIMIZERS = {
         ps, lr=0.1, momentum=0.9, dampening=0.2, foreach=True
     ),
     "sgd-fused": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+    "sgd-fused-plain": lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True),
 }
 
 
@@ -84,9 +87,10 @@ def test_direct_path_is_bit_identical_to_step(name, flat, device, monkeypatch):
     for p_ref, p in zip(ref.parameters(), model.parameters()):
         for key, value in o_ref.state[p_ref].items():
             assert torch.equal(value, opt.inner.state[p][key]), key
-    # Only the state-creating first step went through step() (the inner optimizer's, or on the
-    # flat path its twin's); SGD without momentum has no state, so never.
-    stateless = isinstance(opt.inner, torch.optim.SGD) and not opt.inner.defaults["momentum"]
+    # Only the first step went through step() (the inner optimizer's, or on the flat path its
+    # twin's): it creates the state, or for fused SGD checks devices; plain SGD needs neither.
+    d = opt.inner.defaults
+    stateless = isinstance(opt.inner, torch.optim.SGD) and not d["momentum"] and not d["fused"]
     assert counter.calls == (0 if stateless else 1)
 
 
@@ -120,6 +124,34 @@ def test_step_hooks_and_schedulers_still_see_every_step(monkeypatch):
     assert counter.calls == 2
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
     assert opt.inner.param_groups[0]["lr"] == pytest.approx(1e-2 / 4)
+
+
+def test_profiler_still_shows_optimizer_steps():
+    model = _model("cpu", False)
+    opt = polyak.Optimizer(torch.optim.Adam(model.parameters(), lr=1e-2))
+    opt.minimize(_loss(model, 0))  # state exists: later steps may go direct
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.minimize(_loss(model, 1))
+    assert any(e.name == "Optimizer.step#Adam.step" for e in prof.events())
+
+
+def test_adamw_on_torch_without_the_decoupled_flag(monkeypatch):
+    """Before torch 2.7, AdamW has its own functional update: route to it when adam() has no
+    decoupled_weight_decay, even if the group carries the key (a newer torch's state dict)."""
+    ref, model = _model("cpu", False), _model("cpu", False)
+    o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = polyak.Optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    monkeypatch.setattr(_update, "_ADAM_DECOUPLES", False)
+    routed = []
+    monkeypatch.setattr(_update, "adamw", lambda *a, **k: routed.append(1) or adamw(*a, **k))
+    for i in range(3):
+        o_ref.zero_grad()
+        _loss(ref, i).backward()
+        o_ref.step()
+        opt.minimize(_loss(model, i))
+    assert len(routed) == 2  # the first step creates state through step()
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_differentiable_and_sparse_steps_are_left_to_step():

@@ -86,7 +86,7 @@ def flatten_parameters_(module: nn.Module, *, grads: bool = True) -> nn.Module:
             view.copy_(param)
             param.data = view
         if not grads:
-            for param in trainable:
+            for param in params:  # frozen ones too: they may have a slot from an earlier call
                 _detach_grad_slot(param)
             return module
         slots = pack([(p.shape, p.dtype, p.device) for p in trainable], zeros=True)

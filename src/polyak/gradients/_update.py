@@ -10,15 +10,23 @@ public functional update (``torch.optim.adam.adam``, ``torch.optim.adamw.adamw``
 Where ``step`` would do anything more, the caller uses ``step``:
 
 - step hooks registered (on the optimizer or globally);
-- CUDA graph capture in progress (``step`` checks that the groups are ``capturable``);
 - ``step`` replaced on the instance (LR schedulers wrap it to see that it was called);
+- the autograd profiler running (its trace shows ``Optimizer.step#Adam.step`` as usual), or
+  ``torch.compile`` tracing;
 - ``differentiable`` groups;
 - sparse gradients;
-- a parameter without state yet (``step`` creates it and runs its checks).
+- a parameter without state yet (``step`` creates it and runs its checks), and fused SGD
+  before its first step (``step`` checks the devices and dtypes once).
+
+Adam and AdamW run the optimizer's own graph-capture check first, as their ``step`` does
+(``capturable=False`` under CUDA graph capture raises the same error). Not seen by the direct
+path: a wrapper put on the class's ``step`` (``torch.optim.Adam.step = ...``) rather than on
+the instance.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,8 +53,8 @@ def functional_update(opt: torch.optim.Optimizer) -> Update | None:
         return None
     if torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks:
         return None
-    if _cuda_capturing():
-        return None  # step() checks that every group is capturable
+    if torch.autograd._profiler_enabled() or torch.compiler.is_compiling():
+        return None
     update = _UPDATES[kind]
 
     def step(
@@ -60,12 +68,10 @@ def functional_update(opt: torch.optim.Optimizer) -> Update | None:
     return step
 
 
-def _cuda_capturing() -> bool:
-    return (
-        torch.backends.cuda.is_built()
-        and torch.cuda.is_available()
-        and torch.cuda.is_current_stream_capturing()
-    )
+# torch >= 2.7 folds AdamW into Adam: adam() takes the flag, and both classes' groups carry it.
+# Decided from the function, not the group: a group loaded from a newer torch's state dict
+# carries the key on an older torch too.
+_ADAM_DECOUPLES = "decoupled_weight_decay" in inspect.signature(adam).parameters
 
 
 def _adam(
@@ -78,14 +84,21 @@ def _adam(
     entries = [state.get(p) for p in params]
     if not all(entries):
         return False
+    check = getattr(opt, "_accelerator_graph_capture_health_check", None) or getattr(
+        opt, "_cuda_graph_capture_health_check", None
+    )
+    if check is None:
+        return False
+    check()  # as step(): raises under graph capture unless capturable
     amsgrad = group["amsgrad"]
     beta1, beta2 = group["betas"]
+    is_adamw = type(opt) is torch.optim.AdamW
     kwargs: dict[str, Any] = {}
-    if "decoupled_weight_decay" in group:  # torch >= 2.8: AdamW is Adam with this flag
-        kwargs["decoupled_weight_decay"] = group["decoupled_weight_decay"]
+    if _ADAM_DECOUPLES:
+        kwargs["decoupled_weight_decay"] = group.get("decoupled_weight_decay", is_adamw)
         update = adam
     else:
-        update = adamw if type(opt) is torch.optim.AdamW else adam
+        update = adamw if is_adamw else adam
     update(
         list(params),
         list(grads),
@@ -118,6 +131,8 @@ def _sgd(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
 ) -> bool:
+    if group["fused"] and getattr(opt, "_need_device_dtype_check_for_fused", True):
+        return False  # step() checks devices and dtypes once, on the first fused step
     buffers: list[torch.Tensor | None] = []
     if group["momentum"] != 0:
         state = opt.state

@@ -265,6 +265,12 @@ class Optimizer:
                     f"{getattr(g, 'shape', type(g).__name__)}, expected a tensor of shape "
                     f"{tuple(v.shape)}"
                 )
+            if g is not None and (g.dtype != v.dtype or g.device != v.device):
+                raise ValueError(
+                    f"apply_gradients: gradient for {self._name(v)} is {g.dtype} on {g.device}, "
+                    f"but the variable is {v.dtype} on {v.device}; pass g.to(v) (as .grad "
+                    "requires)"
+                )
             pairs.append((g, v))
         if not pairs:
             raise ValueError("apply_gradients: grads_and_vars is empty")
