@@ -21,7 +21,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: setup lint
-	$(PY) -m pytest -q
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q
 
 demo: setup
 	$(PY) -m polyak train ddpg --env Pendulum-v1 --preset zoo --total-steps 20000 --seed 0 --run-dir runs/demo
