@@ -221,10 +221,10 @@ class InnerStepper:
         for k, v in self.inner.param_groups[twin.index].items():
             if k not in _NOT_HYPER:
                 tgroup[k] = v
-        fresh = [run not in twin.opt.state for run in twin.runs]
         update = functional_update(twin.opt)
         if update is not None and update(tgroup, twin.runs, grad_runs):
             return
+        fresh = [run not in twin.opt.state for run in twin.runs]
         for run, g in zip(twin.runs, grad_runs):
             run.grad = g
         try:
