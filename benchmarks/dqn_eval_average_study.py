@@ -76,21 +76,15 @@ class _StudyDQN(DQN):
             self.q_eval = own
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--runs", type=Path, default=Path("runs/study"))
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args()
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    made: list[_StudyDQN] = []
+def train_with(agent_cls: type[DQN], config, run_dir: Path) -> DQN:
+    """``polyak.rl.train(config, run_dir)`` with ``agent_cls`` (a ``DQN`` subclass taking the
+    same arguments) built where the loop builds ``DQN``: the same construction and the same
+    random draws, so the training run is the plain one. Returns the agent."""
+    made: list[DQN] = []
     real_make_agent = loop.make_agent
 
     def make_agent(config, env, rng):
-        # loop.make_agent itself, with the study's class in place of DQN: same construction,
-        # same random draws.
-        dqn_mod.DQN = _StudyDQN
+        dqn_mod.DQN = agent_cls
         try:
             agent, codec, obs_dim = real_make_agent(config, env, rng)
         finally:
@@ -99,6 +93,22 @@ def main() -> None:
         made.append(agent)
         return agent, codec, obs_dim
 
+    loop.make_agent = make_agent
+    try:
+        loop.train(config, run_dir, progress=False)
+    finally:
+        loop.make_agent = real_make_agent
+    return made[-1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--runs", type=Path, default=Path("runs/study"))
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for seed in args.seeds:
         cfg = make_config(
             "dqn",
@@ -108,12 +118,7 @@ def main() -> None:
             seed=seed,
             overrides=parse_overrides(DQNConfig, args.overrides),
         )
-        loop.make_agent = make_agent
-        try:
-            loop.train(cfg, args.runs / f"seed{seed}", progress=False)
-        finally:
-            loop.make_agent = real_make_agent
-        curves = made[-1].curves
+        curves = train_with(_StudyDQN, cfg, args.runs / f"seed{seed}").curves
         results[str(seed)] = curves
         print(seed, {k: v[-1] for k, v in curves.items()}, flush=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -81,6 +81,9 @@ def main() -> None:
             "steps_per_second": [s["steps_per_second"] for s in summaries],
             "all_seeds_meet_target": all(f >= target for f in finals),
         }
+        for extra in ("final_policy_step", "last_eval_return"):  # keep_best runs
+            if all(extra in s for s in summaries):
+                results[key][extra] = [s[extra] for s in summaries]
         plot_runs(dirs, args.out / f"rl_{algo}_{env}{suffix}.png")
         print(json.dumps(results[key]), flush=True)
     path = args.out / "rl_results.json"

@@ -120,3 +120,14 @@ def test_eval_of_an_eval_ema_run_acts_with_the_averaged_network(tmp_path, capsys
         returns.append(json.loads(capsys.readouterr().out)["returns"])
     torch.save(original, ckpt_path)
     assert returns[0] != returns[1]  # the online network alone would give one answer
+
+
+def test_train_with_keep_best_names_the_delivered_policy(tmp_path, capsys):
+    assert _train(tmp_path, "--set", "keep_best=true") == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    step = summary["final_policy_step"]
+    assert f"final policy:   {tmp_path / 'policy.pt'}, the weights of step {step}" in out
+    assert main(["eval", str(tmp_path), "--episodes", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["policy"] == str(tmp_path / "policy.pt") and result["step"] == step

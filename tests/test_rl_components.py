@@ -506,11 +506,15 @@ def test_zoo_cartpole_evaluates_the_averaged_network_and_trains_as_the_zoo():
     """The zoo CartPole-v1 DQN adds only evaluation settings; the other zoo DQN entries and
     every training field are rl-baselines3-zoo's."""
     zoo = make_config("dqn", "CartPole-v1", "zoo")
-    assert (zoo.eval_ema_decay, zoo.eval_ema_num_updates) == (0.9999, True)
+    assert (zoo.eval_ema_decay, zoo.eval_ema_num_updates, zoo.keep_best) == (0.9999, True, True)
     assert (zoo.learning_rate, zoo.target_update_interval, zoo.eps_final) == (2.3e-3, 10, 0.04)
     for env in ("Acrobot-v1", "MountainCar-v0"):
         other = make_config("dqn", env, "zoo")
-        assert (other.eval_ema_decay, other.eval_ema_num_updates) == (0.0, False)
+        assert (other.eval_ema_decay, other.eval_ema_num_updates, other.keep_best) == (
+            0.0,
+            False,
+            False,
+        )
     # One override turns it off: the online network is evaluated, nothing extra is stored.
     online = make_config("dqn", "CartPole-v1", "zoo", overrides={"eval_ema_decay": 0.0})
     agent = DQN(online, 4, 2, np.random.default_rng(0), torch.device("cpu"))

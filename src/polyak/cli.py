@@ -2,7 +2,7 @@
 
     polyak train {ddpg,td3,dqn} --env ID --total-steps N --seed S --run-dir DIR
                  [--preset paper|zoo] [--set KEY=VALUE ...]
-    polyak eval DIR [--episodes K]
+    polyak eval DIR [--episodes K]      (the run's policy.pt if it has one, else its checkpoint)
     polyak plot DIR [DIR ...] -o out.png
 
 ``train`` on a directory that already has a checkpoint resumes it (same command, same config);
@@ -61,6 +61,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"(mean of {len(summary['final_eval_returns'])} episodes)"
         + (f", {sps:.0f} steps/s" if sps else "")
     )
+    if "final_policy_step" in summary:
+        print(
+            f"final policy:   {run_dir / 'policy.pt'}, the weights of step "
+            f"{summary['final_policy_step']} (best evaluation; the last weights' return on the "
+            f"same episodes: {summary['last_eval_return']:.1f})"
+        )
     print(f"summary:        {run_dir / 'summary.json'}")
     curve = run_dir / "learning_curve.png"
     print(f"learning curve: {curve}" if curve.exists() else "learning curve: (needs matplotlib)")
@@ -88,11 +94,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     agent, codec, _ = make_agent(config, env, np.random.default_rng(config.seed))
     env.close()
     agent.load_networks(ckpt["agent"])
+    step = ckpt["loop"]["step"]
+    policy_path = run_dir / "policy.pt"
+    if policy_path.exists():  # a finished keep_best run delivers the policy it chose
+        chosen = load_checkpoint(policy_path)
+        agent.policy_network().load_state_dict(chosen["policy"])
+        step = chosen["step"]
     episodes = args.episodes or config.eval_episodes
     returns = evaluate(agent, codec, config.env, episodes, args.seed)
     result = {
         "run_dir": str(run_dir),
-        "step": ckpt["loop"]["step"],
+        "policy": str(policy_path if policy_path.exists() else ckpt_path),
+        "step": step,
         "episodes": episodes,
         "mean_return": float(np.mean(returns)),
         "std_return": float(np.std(returns)),

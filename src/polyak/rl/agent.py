@@ -2,10 +2,11 @@
 
 An agent exposes ``act(obs, explore)``, ``train_step(batch)`` (returns the losses as tensors, so
 nothing waits for the device), ``train_burst(burst, n)`` (``n`` such steps on stacked
-minibatches) and ``on_env_step(step)``/``on_episode_start()`` hooks. Its state splits in two
-for the checkpoint: ``networks()`` (the online and target modules, the checkpoint's ``"agent"``
-entry) and ``training_state()`` (optimizers, target-network averagers, global steps,
-noise: everything else that must be restored for a bitwise-identical continuation).
+minibatches), ``on_env_step(step)``/``on_episode_start()`` hooks, and ``policy_network()`` (the
+module greedy actions use). Its state splits in two for the checkpoint: ``networks()`` (the
+online and target modules, the checkpoint's ``"agent"`` entry) and ``training_state()``
+(optimizers, target-network averagers, global steps, noise: everything else that must be
+restored for a bitwise-identical continuation).
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class Agent:
 
     def networks(self) -> dict[str, nn.Module]:
         """Online and target modules by name: the checkpoint's ``"agent"`` entry."""
+        raise NotImplementedError
+
+    def policy_network(self) -> nn.Module:
+        """The module greedy actions (``act(obs, explore=False)``) use: what evaluations measure
+        and what ``keep_best`` copies."""
         raise NotImplementedError
 
     def stateful(self) -> dict[str, _Stateful]:

@@ -50,6 +50,9 @@ class RunConfig:
     tau: float = 0.001  # soft target rate: target <- (1 - tau) target + tau online
     eval_every: int = 5000  # environment steps between evaluations; 0 = final evaluation only
     eval_episodes: int = 10  # deterministic episodes per evaluation
+    # Deliver the policy of the best evaluation (ties: the latest) instead of the last weights,
+    # and report it on held-out episodes (polyak.rl.best). False: the last weights.
+    keep_best: bool = False
     checkpoint_every: int = 5000  # environment steps between checkpoints (and at the end)
     log_every: int = 1000  # environment steps between loss rows in metrics.csv
 

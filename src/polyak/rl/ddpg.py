@@ -141,6 +141,9 @@ class DDPG(Agent):
             "critic_target": self.critic_target.module,
         }
 
+    def policy_network(self) -> nn.Module:
+        return self.actor
+
     def stateful(self) -> dict:
         out = {
             "actor_target": self.actor_target,

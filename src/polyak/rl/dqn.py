@@ -221,6 +221,9 @@ class DQN(Agent):
             nets["q_eval"] = self.q_eval  # the averaged weights that evaluations use
         return nets
 
+    def policy_network(self) -> nn.Module:
+        return self.q_eval
+
     def stateful(self) -> dict:
         state = {
             "q_target": self.q_target,

@@ -11,6 +11,11 @@ One environment step ``t = 1 .. total_steps``::
         burst = replay.sample_burst(gradient_steps, batch_size)   # all indices in one draw
         agent.train_burst(burst, gradient_steps)   # = gradient_steps x agent.train_step(...)
 
+Every ``eval_every`` steps, and once more at the end, the greedy policy is evaluated on
+episodes seeded ``seed + 1000000 + k``; the last of these is the final evaluation. With
+``keep_best`` they are validations instead, and the run delivers the best of them, evaluated on
+held-out episodes (``polyak.rl.best``).
+
 A burst's minibatch indices are drawn up front, in one call ``rng.integers(0, len(replay),
 size=(gradient_steps, batch_size))``; nothing enters the buffer during a burst, so each minibatch
 is still uniform over the same transitions as when drawn one at a time.
@@ -40,6 +45,7 @@ import numpy as np
 import torch
 
 from polyak.rl.agent import Agent
+from polyak.rl.best import BestPolicy
 from polyak.rl.checkpoint import (
     get_rng_state,
     load_checkpoint,
@@ -133,6 +139,11 @@ def _eval_seed(config: RunConfig) -> int:
     return config.seed + 1_000_000  # disjoint from the training environment's seed
 
 
+def _test_seed(config: RunConfig) -> int:
+    """Episodes of ``keep_best``'s final evaluation: disjoint from those the choice was made on."""
+    return config.seed + 2_000_000
+
+
 class _Clock:
     """Wall-clock and CPU seconds of the training loop, accumulated between start and stop."""
 
@@ -181,6 +192,7 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
     _check_run_dir(run_dir, config)
     ckpt_path = run_dir / "checkpoint.pt"
     remove_stale_temps(ckpt_path)
+    remove_stale_temps(run_dir / "policy.pt")
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -200,6 +212,7 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
     step, episodes, ep_return, ep_length = 0, 0, 0.0, 0
     last_losses: dict[str, torch.Tensor] = {}
     clock = _Clock()  # time spent in the loop, evaluations and checkpoint writes excluded
+    best = BestPolicy()  # keep_best's choice so far
     obs, _ = env.reset(seed=config.seed)
     ep_env_rng: dict[str, Any] | None = None  # env generator state before this episode's reset
     ep_actions: list[Any] = []
@@ -209,6 +222,8 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
         agent.load_networks(ckpt["agent"])
         agent.load_training_state(ckpt["training"])
         replay.load_state_dict(ckpt["replay"])
+        if "best" in ckpt:  # absent from checkpoints written before keep_best existed
+            best.load_state_dict(ckpt["best"])
         set_rng_state(rng, ckpt["rng"])
         loop = ckpt["loop"]
         step, episodes = loop["step"], loop["episodes"]
@@ -245,6 +260,7 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
                 "training": agent.training_state(),
                 "replay": replay.state_dict(),
                 "rng": get_rng_state(rng),
+                "best": best.state_dict(),
                 "loop": {
                     "step": step,
                     "episodes": episodes,
@@ -308,6 +324,8 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
                     agent, codec, config.env, config.eval_episodes, _eval_seed(config)
                 )
                 logger.log(step, eval_return=float(np.mean(returns)))
+                if config.keep_best:
+                    best.offer(step, float(np.mean(returns)), agent.policy_network())
                 clock.start()
             if step % config.checkpoint_every == 0 or step == config.total_steps:
                 clock.stop()
@@ -324,6 +342,10 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
     final = float(np.mean(returns))
     logger.log(config.total_steps, eval_return=final)
     logger.close()
+    chosen: dict[str, Any] = {}
+    if config.keep_best:
+        returns, chosen = _deliver_best(config, agent, codec, best, final, run_dir)
+        final = float(np.mean(returns))
     summary = {
         "algo": config.algo,
         "env": config.env,
@@ -333,6 +355,8 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
         "final_eval_return": final,
         "final_eval_returns": returns,
         "final_eval_std": float(np.std(returns)),
+        "final_eval_seed": _test_seed(config) if config.keep_best else _eval_seed(config),
+        **chosen,
         "episodes": episodes,
         "steps_per_second": config.total_steps / clock.wall if clock.wall > 0 else None,
         "train_seconds": clock.wall,
@@ -345,6 +369,31 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
     tmp.replace(run_dir / "summary.json")
     _try_plot(run_dir)
     return summary
+
+
+def _deliver_best(
+    config: RunConfig,
+    agent: Agent,
+    codec: _ActionCodec,
+    best: BestPolicy,
+    last_validation: float,
+    run_dir: Path,
+) -> tuple[list[float], dict[str, Any]]:
+    """``keep_best``'s end of a run: offer the last weights, put the chosen policy in the agent,
+    write it to ``policy.pt``, and evaluate the last and the chosen policies on the held-out
+    episodes. Returns the chosen policy's returns and the summary's extra fields."""
+    network = agent.policy_network()
+    test = (config.env, config.eval_episodes, _test_seed(config))
+    last_returns = evaluate(agent, codec, *test)
+    if not best.offer(config.total_steps, last_validation, network):
+        network.load_state_dict(best.policy)
+    returns = last_returns if best.step == config.total_steps else evaluate(agent, codec, *test)
+    save_atomic(best.state_dict(), run_dir / "policy.pt")
+    return returns, {
+        "final_policy_step": best.step,
+        "final_policy_validation_return": best.validation_return,
+        "last_eval_return": float(np.mean(last_returns)),
+    }
 
 
 def _loss_keys(config: RunConfig) -> list[str]:

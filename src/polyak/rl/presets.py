@@ -26,7 +26,11 @@ greedy evaluation (the reported final policy included) acts with a Polyak averag
 Q-network's weights over about the last ninth of the gradient steps, while training, its
 targets and exploration are the zoo's, step for step. With the zoo's settings the online
 network's greedy policy swings between 500 and about 100 from one training burst to the next,
-in SB3 as here; the average was chosen on held-out seeds (docs/results.md).
+in SB3 as here; the average was chosen on held-out seeds (docs/results.md). It also sets
+``keep_best``, which rl-baselines3-zoo's training script does with its evaluation callback: the
+run delivers the averaged network of its best evaluation (ties: the latest) and reports it on
+held-out episodes (``polyak.rl.best``); without it, a run whose training has collapsed in its
+last few thousand steps delivers a collapsed policy (docs/results.md).
 """
 
 from __future__ import annotations
@@ -134,6 +138,8 @@ ZOO: dict[str, dict[str, dict[str, Any]]] = {
             # from the num_updates-averaged Q-network (docs/results.md: chosen on seeds 100-111).
             "eval_ema_decay": 0.9999,
             "eval_ema_num_updates": True,
+            # ... and the run delivers its best-evaluated average (docs/results.md: seeds 200-223).
+            "keep_best": True,
         },
         "MountainCar-v0": {
             "total_steps": 120_000,
