@@ -76,10 +76,12 @@ class _StudyDQN(DQN):
             self.q_eval = own
 
 
-def train_with(agent_cls: type[DQN], config, run_dir: Path) -> DQN:
+def train_with(agent_cls: type[DQN], config: DQNConfig, run_dir: Path) -> DQN:
     """``polyak.rl.train(config, run_dir)`` with ``agent_cls`` (a ``DQN`` subclass taking the
     same arguments) built where the loop builds ``DQN``: the same construction and the same
-    random draws, so the training run is the plain one. Returns the agent."""
+    random draws, so the training run is the plain one. Returns the agent as the run left it
+    (with ``keep_best``, its policy network then holds the delivered copy): read what it
+    recorded during training, not its final weights."""
     made: list[DQN] = []
     real_make_agent = loop.make_agent
 

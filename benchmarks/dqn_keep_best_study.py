@@ -38,6 +38,11 @@ class _StudyDQN(DQN):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        cfg = self.config
+        # on_env_step runs before the step's training burst, the loop's evaluation after it:
+        # the same networks only if no evaluation step is a training step.
+        eval_steps = [*range(cfg.eval_every, cfg.total_steps, cfg.eval_every), cfg.total_steps]
+        assert all(s % cfg.train_freq for s in eval_steps), "an evaluation step trains"
         self.record: dict[str, list] = {"step": []}
         self.codec = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -155,6 +156,37 @@ def test_checkpoint_from_before_keep_best_resumes(tmp_path):
     assert train(cfg, tmp_path, progress=False)["final_eval_return"] > 0
 
 
+@pytest.mark.parametrize(("eval_ema_decay", "eval_every"), [(0.0, 500), (0.99, 500), (0.99, 0)])
+def test_a_tie_with_the_last_weights_delivers_the_last_policy_network(
+    tmp_path, eval_ema_decay, eval_every
+):
+    """This short paper-preset run does not learn yet: every evaluation ties (one action always
+    wins). Ties go to the latest, so the last weights are delivered, and they are the policy
+    network's: the averaged network with ``eval_ema_decay``. With ``eval_every=0`` the last
+    weights are the only candidate."""
+    overrides = {
+        "net_arch": [32],
+        "learning_starts": 200,
+        "eval_every": eval_every,
+        "eval_episodes": 3,
+        "target_update_interval": 100,
+        "eval_ema_decay": eval_ema_decay,
+        "keep_best": True,
+    }
+    cfg = make_config("dqn", "CartPole-v1", "paper", total_steps=3000, seed=3, overrides=overrides)
+    summary = train(cfg, tmp_path, progress=False)
+    evals = [r["eval_return"] for r in read_metrics(tmp_path / "metrics.csv") if r["eval_return"]]
+    assert len(evals) == (6 if eval_every else 1) and len(set(evals)) == 1
+    assert summary["final_policy_step"] == 3000
+    assert summary["final_eval_return"] == summary["last_eval_return"]
+    policy = torch.load(tmp_path / "policy.pt", weights_only=True)["policy"]
+    agent = load_checkpoint(tmp_path / "checkpoint.pt")["agent"]
+    delivered = agent["q_eval" if eval_ema_decay else "q"]
+    assert all(torch.equal(policy[k], delivered[k]) for k in delivered)
+    if eval_ema_decay:  # the average, not the online network
+        assert not all(torch.equal(policy[k], agent["q"][k]) for k in policy)
+
+
 @pytest.mark.parametrize("algo", ["ddpg", "td3"])
 def test_continuous_agents_deliver_their_actor(tmp_path, algo):
     small = {"net_arch": [16, 16], "batch_size": 16, "learning_starts": 50, "eval_episodes": 1}
@@ -163,12 +195,24 @@ def test_continuous_agents_deliver_their_actor(tmp_path, algo):
         "Pendulum-v1",
         "paper",
         total_steps=300,
-        overrides={**small, "eval_every": 100, "keep_best": True},
+        overrides={**small, "eval_every": 0, "keep_best": True},
     )
     summary = train(cfg, tmp_path, progress=False)
-    assert summary["final_policy_step"] in (100, 200, 300)
+    assert summary["final_policy_step"] == 300
     policy = torch.load(tmp_path / "policy.pt", weights_only=True)["policy"]
-    assert policy.keys() == load_checkpoint(tmp_path / "checkpoint.pt")["agent"]["actor"].keys()
+    agent = load_checkpoint(tmp_path / "checkpoint.pt")["agent"]
+    assert all(torch.equal(policy[k], agent["actor"][k]) for k in agent["actor"])
+    assert not all(torch.equal(policy[k], agent["actor_target"][k]) for k in policy)
+
+
+def test_rerunning_a_finished_run_delivers_the_same_policy(reference, tmp_path):
+    run_dir, summary = reference
+    copy = tmp_path / "again"
+    shutil.copytree(run_dir, copy)
+    again = train(_config(), copy, progress=False)
+    for key in ("final_eval_return", "final_policy_step", "last_eval_return"):
+        assert again[key] == summary[key], key
+    assert (copy / "policy.pt").read_bytes() == (run_dir / "policy.pt").read_bytes()
 
 
 def _net(value: float) -> torch.nn.Linear:

@@ -96,7 +96,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     agent.load_networks(ckpt["agent"])
     step = ckpt["loop"]["step"]
     policy_path = run_dir / "policy.pt"
-    if policy_path.exists():  # a finished keep_best run delivers the policy it chose
+    delivered = policy_path.exists()  # a finished keep_best run delivers the policy it chose
+    if delivered:
         chosen = load_checkpoint(policy_path)
         agent.policy_network().load_state_dict(chosen["policy"])
         step = chosen["step"]
@@ -104,7 +105,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     returns = evaluate(agent, codec, config.env, episodes, args.seed)
     result = {
         "run_dir": str(run_dir),
-        "policy": str(policy_path if policy_path.exists() else ckpt_path),
+        "policy": str(policy_path if delivered else ckpt_path),
         "step": step,
         "episodes": episodes,
         "mean_return": float(np.mean(returns)),
@@ -153,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run's checkpoint deterministically")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run's policy deterministically (policy.pt if any, else the checkpoint)",
+    )
     p.add_argument("run_dir")
     p.add_argument("--episodes", type=int, default=None, help="default: the run's eval_episodes")
     p.add_argument("--seed", type=int, default=0, help="episode k is reset with seed + k")

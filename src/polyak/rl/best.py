@@ -46,10 +46,13 @@ class BestPolicy:
         ):
             return False  # worse, or NaN: a NaN is kept only until a number comes
         self.step, self.validation_return = step, validation_return
-        self.policy = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        # On the CPU, whatever the network's device: policy.pt and the checkpoint then read on
+        # any machine, and are the same bytes whether the copy was made here or restored.
+        self.policy = {k: v.detach().to("cpu", copy=True) for k, v in network.state_dict().items()}
         return True
 
     def state_dict(self) -> dict[str, Any]:
+        """``step``, ``validation_return`` and ``policy`` (the copied state dict, or None)."""
         return {
             "step": self.step,
             "validation_return": self.validation_return,
@@ -57,6 +60,7 @@ class BestPolicy:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (from a checkpoint's ``"best"`` entry)."""
         self.step = state["step"]
         self.validation_return = state["validation_return"]
         self.policy = state["policy"]

@@ -323,9 +323,10 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
                 returns = evaluate(
                     agent, codec, config.env, config.eval_episodes, _eval_seed(config)
                 )
-                logger.log(step, eval_return=float(np.mean(returns)))
+                validation = float(np.mean(returns))
+                logger.log(step, eval_return=validation)
                 if config.keep_best:
-                    best.offer(step, float(np.mean(returns)), agent.policy_network())
+                    best.offer(step, validation, agent.policy_network())
                 clock.start()
             if step % config.checkpoint_every == 0 or step == config.total_steps:
                 clock.stop()
