@@ -24,6 +24,7 @@ import statistics
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 import polyak
 from polyak.rl import dqn as dqn_mod
@@ -42,18 +43,53 @@ AVERAGES = [
 ]
 
 
-class _StudyDQN(DQN):
+class EvaluatingDQN(DQN):
+    """The zoo DQN calling ``on_evaluation(step)`` at each of the run's evaluation steps (every
+    ``eval_every`` and the last), where :meth:`greedy_return` evaluates any network as the
+    greedy one, with the run's protocol. Subclasses record what they evaluate there."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        # on_env_step runs before the step's training burst, the loop's evaluation after it:
+        # the same networks only if no evaluation step is a training step.
+        eval_steps = [*range(cfg.eval_every, cfg.total_steps, cfg.eval_every), cfg.total_steps]
+        assert all(s % cfg.train_freq for s in eval_steps), "an evaluation step trains"
+        self.codec = None  # set by train_with
+
+    def on_env_step(self, step: int) -> None:
+        super().on_env_step(step)
+        if step % self.config.eval_every == 0 or step == self.config.total_steps:
+            self.on_evaluation(step)
+
+    def on_evaluation(self, step: int) -> None:
+        raise NotImplementedError
+
+    def greedy_return(self, net: nn.Module, seed_offset: int = 1_000_000) -> float:
+        """Mean return of ``net`` acting greedily on the episodes seeded
+        ``seed + seed_offset + k`` (the run's own evaluation episodes by default)."""
+        cfg, own = self.config, self.q_eval
+        self.q_eval = net
+        try:
+            returns = loop.evaluate(
+                self, self.codec, cfg.env, cfg.eval_episodes, cfg.seed + seed_offset
+            )
+        finally:
+            self.q_eval = own
+        return float(np.mean(returns))
+
+
+class _StudyDQN(EvaluatingDQN):
     """The zoo DQN with extra weight averages, evaluated at the run's evaluation steps."""
 
-    def __init__(self, config, *args, **kwargs) -> None:
-        super().__init__(config, *args, **kwargs)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.averages = {}
         for name, decay, warm in AVERAGES:
             ema = polyak.ExponentialMovingAverage(decay, num_updates=self.step if warm else None)
             ema.track(self.q)
             self.averages[name] = ema
         self.curves: dict[str, list[float]] = {"online": []} | {n: [] for n in self.averages}
-        self.codec = None
 
     def _gradient_step(self, obs, actions, y):
         losses = super()._gradient_step(obs, actions, y)
@@ -61,19 +97,10 @@ class _StudyDQN(DQN):
             ema.update()
         return losses
 
-    def on_env_step(self, step: int) -> None:
-        super().on_env_step(step)
-        cfg = self.config
-        if step % cfg.eval_every == 0 or step == cfg.total_steps:
-            own = self.q_eval
-            for name in self.curves:
-                net = self.q if name == "online" else self.averages[name].average_module(self.q)
-                self.q_eval = net
-                returns = loop.evaluate(
-                    self, self.codec, cfg.env, cfg.eval_episodes, cfg.seed + 1_000_000
-                )
-                self.curves[name].append(float(np.mean(returns)))
-            self.q_eval = own
+    def on_evaluation(self, step: int) -> None:
+        for name, curve in self.curves.items():
+            net = self.q if name == "online" else self.averages[name].average_module(self.q)
+            curve.append(self.greedy_return(net))
 
 
 def train_with(agent_cls: type[DQN], config: DQNConfig, run_dir: Path) -> DQN:

@@ -24,41 +24,25 @@ import json
 import statistics
 from pathlib import Path
 
-import numpy as np
-from dqn_eval_average_study import train_with
+from dqn_eval_average_study import EvaluatingDQN, train_with
 
-from polyak.rl import loop, make_config
-from polyak.rl.dqn import DQN
+from polyak.rl import make_config
 
 EPISODES = {"validation": 1_000_000, "test": 2_000_000}  # seed offsets
 
 
-class _StudyDQN(DQN):
+class _StudyDQN(EvaluatingDQN):
     """The zoo DQN, evaluating both networks on both episode sets at each evaluation step."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        cfg = self.config
-        # on_env_step runs before the step's training burst, the loop's evaluation after it:
-        # the same networks only if no evaluation step is a training step.
-        eval_steps = [*range(cfg.eval_every, cfg.total_steps, cfg.eval_every), cfg.total_steps]
-        assert all(s % cfg.train_freq for s in eval_steps), "an evaluation step trains"
         self.record: dict[str, list] = {"step": []}
-        self.codec = None
 
-    def on_env_step(self, step: int) -> None:
-        super().on_env_step(step)
-        cfg = self.config
-        if step % cfg.eval_every and step != cfg.total_steps:
-            return
-        averaged = self.q_eval
+    def on_evaluation(self, step: int) -> None:
         self.record["step"].append(step)
-        for name, net in (("averaged", averaged), ("online", self.q)):
-            self.q_eval = net
+        for name, net in (("averaged", self.q_eval), ("online", self.q)):
             for part, offset in EPISODES.items():
-                returns = loop.evaluate(self, self.codec, cfg.env, 10, cfg.seed + offset)
-                self.record.setdefault(f"{name}/{part}", []).append(float(np.mean(returns)))
-        self.q_eval = averaged
+                self.record.setdefault(f"{name}/{part}", []).append(self.greedy_return(net, offset))
 
 
 def read_offs(record: dict[str, list], name: str) -> dict[str, tuple[int, float]]:
