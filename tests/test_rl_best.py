@@ -112,27 +112,11 @@ def test_training_is_the_same_with_and_without_keep_best(reference, tmp_path):
             assert torch.equal(value, theirs[name][key]), f"{name}.{key}"
 
 
-class _Crash(Exception):
-    pass
-
-
-def test_crash_and_resume_delivers_the_same_policy(reference, tmp_path, monkeypatch):
+def test_crash_and_resume_delivers_the_same_policy(reference, tmp_path, crash_at_replay_write):
     """The choice so far is in the checkpoint: a run killed after its best evaluation (2500)
     and resumed from the checkpoint of step 2800 delivers the uninterrupted run's policy."""
     ref_dir, ref_summary = reference
-    real_add = loop_mod.ReplayBuffer.add
-    calls = {"n": 0}
-
-    def crashing_add(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 3200:
-            raise _Crash
-        real_add(self, *args)
-
-    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", crashing_add)
-    with pytest.raises(_Crash):
-        train(_config(), tmp_path, progress=False)
-    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", real_add)
+    assert crash_at_replay_write(_config(), tmp_path, 3200) == 2800
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["loop"]["step"] == 2800 and ckpt["best"]["step"] == ref_summary["final_policy_step"]
 

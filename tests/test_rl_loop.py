@@ -15,7 +15,6 @@ import torch
 pytest.importorskip("gymnasium")
 
 from polyak.rl import ConfigMismatchError, make_config, train
-from polyak.rl import loop as loop_mod
 from polyak.rl.checkpoint import load_checkpoint
 from polyak.rl.logging import read_metrics
 
@@ -87,36 +86,13 @@ def test_eval_every_zero_keeps_only_the_final_evaluation(tmp_path):
     assert [int(r["step"]) for r in rows if r["eval_return"]] == [120]
 
 
-class _Crash(Exception):
-    pass
-
-
-def _crash_at_replay_write(cfg, run_dir: Path, monkeypatch, n: int) -> int:
-    """Train in ``run_dir`` until the ``n``-th replay write raises; return the step of the
-    checkpoint left behind (replay writes work again afterwards)."""
-    calls = {"n": 0}
-    real_add = loop_mod.ReplayBuffer.add
-
-    def crashing_add(self, *args):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise _Crash
-        real_add(self, *args)
-
-    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", crashing_add)
-    with pytest.raises(_Crash):
-        train(cfg, run_dir, progress=False)
-    monkeypatch.setattr(loop_mod.ReplayBuffer, "add", real_add)
-    return load_checkpoint(run_dir / "checkpoint.pt")["loop"]["step"]
-
-
 @pytest.mark.parametrize(("algo", "crash_at"), [("ddpg", 163), ("td3", 251), ("dqn", 101)])
-def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch, algo, crash_at):
+def test_resume_after_crash_equals_uninterrupted(tmp_path, crash_at_replay_write, algo, crash_at):
     """A crash mid-episode (and at a checkpoint step) resumes to the same agent tensors."""
     cfg = _config(algo, noise_type="ou") if algo == "ddpg" else _config(algo)
     train(cfg, tmp_path / "ref", progress=False)
 
-    assert _crash_at_replay_write(cfg, tmp_path / "run", monkeypatch, crash_at) < 300
+    assert crash_at_replay_write(cfg, tmp_path / "run", crash_at) < 300
     train(cfg, tmp_path / "run", progress=False)
     _assert_same_agent(tmp_path / "ref", tmp_path / "run")
     ref_metrics = (tmp_path / "ref" / "metrics.csv").read_bytes()
@@ -184,7 +160,7 @@ def _parse(sets: dict[str, str]) -> dict:
     return parse_overrides(DQNConfig, [f"{k}={v}" for k, v in sets.items()])
 
 
-def test_eval_ema_run_is_reproducible_and_resumes_bitwise(tmp_path, monkeypatch):
+def test_eval_ema_run_is_reproducible_and_resumes_bitwise(tmp_path, crash_at_replay_write):
     """``eval_ema_decay``: the average is in the checkpoint (networks and training state), two
     runs are identical, and a crash mid-run resumes to the uninterrupted run's tensors."""
     cfg = _config("dqn", eval_ema_decay=0.9)
@@ -200,7 +176,7 @@ def test_eval_ema_run_is_reproducible_and_resumes_bitwise(tmp_path, monkeypatch)
         ckpt["agent"]["q_eval"]["layers.0.weight"], ckpt["agent"]["q"]["layers.0.weight"]
     )
 
-    assert 0 < _crash_at_replay_write(cfg, tmp_path / "run", monkeypatch, 163) < 300
+    assert 0 < crash_at_replay_write(cfg, tmp_path / "run", 163) < 300
     train(cfg, tmp_path / "run", progress=False)
     _assert_same_agent(tmp_path / "ref", tmp_path / "run")
     assert (tmp_path / "run" / "metrics.csv").read_bytes() == ref_metrics
