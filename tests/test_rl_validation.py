@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,13 @@ def test_every_config_key_has_a_rule_and_test_values():
     assert set(GOOD) == set(BAD) - {"algo", "env", "preset", "device"}
 
 
+def test_docs_list_every_rule():
+    text = (Path(__file__).parents[1] / "docs" / "validation.md").read_text()
+    for key, rule in RULES.items():
+        row = rf"\| `{key}` \| [^|]+ \| {re.escape(rule.describe())} \|"
+        assert re.search(row, text), key
+
+
 def _bad(algo: str, key: str, value: Any) -> bool:
     """False for generated values that happen to be good (algo: the config's own)."""
     return not (key == "algo" and value == algo)
@@ -315,3 +323,42 @@ def test_overrides_never_round(pair):
 def test_net_arch_text_round_trips(widths):
     for text in (",".join(map(str, widths)), str(widths)):
         assert parse_overrides(DQNConfig, [f"net_arch={text}"]) == {"net_arch": widths}
+
+
+# --- the same refusals through the command line -----------------------------------------------
+
+CLI_BAD_TEXT = {
+    "gamma": st.floats(min_value=1.0, exclude_min=True).map(repr) | st.just("nan"),
+    "batch_size": st.integers(max_value=0).map(str) | st.just("1.5"),
+    "eps_final": st.floats(max_value=0.0, exclude_max=True).map(repr) | st.just("-inf"),
+    "max_grad_norm": st.sampled_from(["inf", "nan", "-1", "1e999"]),
+    "net_arch": st.lists(st.integers(max_value=0), min_size=1, max_size=3).map(
+        lambda xs: ",".join(map(str, xs))
+    ),
+    "eval_every": st.integers(max_value=-1).map(str),
+    "loss": st.sampled_from(["l1", "Huber", ""]),
+    "device": st.sampled_from(["gpu", "tpu", "cuda:-1"]),
+}
+
+
+@pytest.mark.parametrize("key", sorted(CLI_BAD_TEXT))
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_the_cli_refuses_generated_bad_values_by_name_writing_nothing(key, data):
+    import contextlib
+    import io
+
+    from polyak.cli import main
+
+    text = data.draw(CLI_BAD_TEXT[key], label=key)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        argv = ["train", "dqn", "--env", "CartPole-v1", "--total-steps", "50", "--no-progress"]
+        argv += ["--run-dir", str(run_dir), "--set", f"{key}={text}"]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+        assert not run_dir.exists()
+    assert code == 2
+    message = err.getvalue()
+    assert key in message and "Traceback" not in message and len(message.splitlines()) == 1

@@ -14,12 +14,14 @@ from polyak.rl.presets import make_config
 from polyak.rl.replay import Batch, ReplayBuffer
 from polyak.rl.rundir import ConfigMismatchError
 from polyak.rl.td3 import TD3
+from polyak.rl.validation import ConfigError, validate_config
 
 __all__ = [
     "DDPG",
     "DQN",
     "TD3",
     "Batch",
+    "ConfigError",
     "ConfigMismatchError",
     "DDPGConfig",
     "DQNConfig",
@@ -31,4 +33,5 @@ __all__ = [
     "evaluate",
     "make_config",
     "train",
+    "validate_config",
 ]

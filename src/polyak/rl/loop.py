@@ -54,13 +54,14 @@ from polyak.rl.checkpoint import (
     save_atomic,
     set_rng_state,
 )
-from polyak.rl.config import RunConfig, stored_config_diff
+from polyak.rl.config import RunConfig
 from polyak.rl.logging import MetricsLogger, Progress
 from polyak.rl.replay import ReplayBuffer
 from polyak.rl.rundir import (
     ConfigMismatchError,
     RunDirLock,
     check_run_dir,
+    check_same_run,
     finite_or_null,
     write_config,
     write_json,
@@ -76,6 +77,7 @@ from polyak.rl.validation import check_memory, validate_config
 __all__ = ["ConfigMismatchError", "evaluate", "make_agent", "read_checkpoint", "train"]
 
 CHECKPOINT_VERSION = 1
+_CHECKPOINT_KEYS = {"version", "config", "agent", "training", "replay", "rng", "loop"}
 
 
 class _ActionCodec:
@@ -192,27 +194,6 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-_CHECKPOINT_KEYS = {"version", "config", "agent", "training", "replay", "rng", "loop"}
-
-
-def _check_checkpoint_config(path: Path, stored: dict[str, Any], config: RunConfig) -> None:
-    """Refuse a checkpoint made by another run (its config differs from ``config``)."""
-    diff = stored_config_diff(stored, config)
-    if not diff:
-        return
-    lead = f"{path} was made by a run with a different configuration"
-    if stored.get("seed") != config.seed:
-        lead = (
-            f"{path} was made with seed {stored.get('seed')!r} and this run has seed "
-            f"{config.seed}: resuming it would not be the run of seed {config.seed}"
-        )
-    raise ConfigMismatchError(
-        f"{lead}; differing keys:\n  "
-        + "\n  ".join(diff)
-        + "\nUse another --run-dir, or repeat the original command to resume."
-    )
-
-
 def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run in ``run_dir`` and return its ``summary.json`` contents.
 
@@ -261,6 +242,8 @@ def _train_locked(
     rng: np.random.Generator,
     progress: bool,
 ) -> dict[str, Any]:
+    """:func:`train` once the run directory is locked: resume or start, the step loop, the
+    final evaluation and ``summary.json``."""
     ckpt_path = run_dir / "checkpoint.pt"
     # Loop state; everything here goes into the checkpoint.
     step, episodes, ep_return, ep_length = 0, 0, 0.0, 0
@@ -274,7 +257,7 @@ def _train_locked(
 
     if ckpt_path.exists():
         ckpt = read_checkpoint(ckpt_path)
-        _check_checkpoint_config(ckpt_path, ckpt["config"], config)
+        check_same_run(ckpt_path, ckpt["config"], config)
         with restoring(ckpt_path):
             agent.load_networks(ckpt["agent"])
             agent.load_training_state(ckpt["training"])

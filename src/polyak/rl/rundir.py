@@ -30,6 +30,7 @@ __all__ = [
     "RunDirError",
     "RunDirLock",
     "check_run_dir",
+    "check_same_run",
     "finite_or_null",
     "write_config",
     "write_json",
@@ -77,14 +78,28 @@ def check_run_dir(run_dir: Path, config: RunConfig) -> bool:
         ) from None
     if not isinstance(stored, dict):
         raise RunDirError(f"{path} does not hold a config (a JSON object); use another --run-dir")
-    diff = stored_config_diff(stored, config)
-    if diff:
-        raise ConfigMismatchError(
-            f"{run_dir} holds a run with a different configuration; differing keys:\n  "
-            + "\n  ".join(diff)
-            + "\nUse another --run-dir, or repeat the original command to resume."
-        )
+    check_same_run(path, stored, config)
     return True
+
+
+def check_same_run(source: Path, stored: dict[str, Any], config: RunConfig) -> None:
+    """Raise :class:`ConfigMismatchError` naming the differing keys (and both seeds, if they
+    differ) unless ``stored``, the config saved in ``source`` (``config.json``, a checkpoint),
+    is ``config``: a run directory continues only its own run."""
+    diff = stored_config_diff(stored, config)
+    if not diff:
+        return
+    lead = f"{source} was made by a run with a different configuration"
+    if stored.get("seed") != config.seed:
+        lead = (
+            f"{source} was made with seed {stored.get('seed')!r} and this run has seed "
+            f"{config.seed}: resuming it would not be the run of seed {config.seed}"
+        )
+    raise ConfigMismatchError(
+        f"{lead}; differing keys:\n  "
+        + "\n  ".join(diff)
+        + "\nUse another --run-dir, or repeat the original command to resume."
+    )
 
 
 def write_config(run_dir: Path, config: RunConfig) -> None:

@@ -10,7 +10,7 @@ fits in an int64 (NumPy's and torch's integers). On top of the per-field rules,
 exists on this machine.
 
 Errors are :class:`ConfigError` (a ``ValueError``), one line per bad key, each naming the key,
-the value and what is allowed: ``gamma=2.0: must be a number in [0, 1]``. ``polyak train``
+the value and what is allowed: ``gamma=2.0: must be a finite number in [0, 1]``. ``polyak train``
 prints them without a traceback and exits with status 2.
 
 What needs the environment (its id, its spaces: ``polyak.rl.spaces``) and the machine's memory
@@ -136,8 +136,8 @@ def _ints(low: int, *, extra: tuple[int, ...] = (), means: str = "") -> Rule:
     return Rule("int", low, extra=extra, means=means)
 
 
-def _unit(*, low_open: bool = False, high_open: bool = False, means: str = "") -> Rule:
-    return Rule("float", 0.0, 1.0, low_open=low_open, high_open=high_open, means=means)
+def _unit(*, high_open: bool = False, means: str = "") -> Rule:
+    return Rule("float", 0.0, 1.0, high_open=high_open, means=means)
 
 
 _POSITIVE = Rule("float", 0.0, low_open=True)
