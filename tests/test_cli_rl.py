@@ -131,3 +131,213 @@ def test_train_with_keep_best_names_the_delivered_policy(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--episodes", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["policy"] == str(tmp_path / "policy.pt") and result["step"] == step
+
+
+# --- errors: one or two lines, no traceback, exit status 2, nothing written ------------------
+
+
+def _refused(capsys, run_dir, argv, message, lines=1):
+    """``main(argv)`` exits with 2 and prints ``message`` in ``lines`` lines on stderr, and the
+    run directory (which did not exist) still does not."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == lines, err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "gamma=2"], "gamma=2.0: must be a finite number in [0, 1]"),
+        (["--set", "gamma=nan"], "gamma=nan: must be a finite number in [0, 1]"),
+        (["--set", "net_arch=0"], "net_arch=[0]: must be a list of integers, each >= 1"),
+        (["--set", "eps_initial=5"], "eps_initial=5.0: must be a finite number in [0, 1]"),
+        (["--set", "eval_episodes=0"], "eval_episodes=0: must be an integer >= 1"),
+        (["--set", "train_freq=0"], "train_freq=0: must be an integer >= 1"),
+        (["--set", "checkpoint_every=0"], "checkpoint_every=0: must be an integer >= 1"),
+        (["--set", "threads=0"], "threads=0: must be an integer >= 1"),
+        (["--set", "device=gpu"], "device='gpu': not a torch device; write 'cpu', 'cuda'"),
+        (["--set", "tau=2"], "tau=2.0: must be a finite number in [0, 1]"),
+        (["--set", "max_grad_norm=inf"], "max_grad_norm=inf: must be a finite number >= 0"),
+        (["--set", "env=Pendulum-v1"], "env='Pendulum-v1' cannot be set with --set"),
+        (["--set", "seed=4"], "seed=4 cannot be set with --set (overrides): it has its own"),
+        (["--set", "total_steps=50"], "total_steps given twice: --total-steps 80 and"),
+        (["--set", "buffer_size=1e15", "--total-steps", "1e15"], "buffer_size=1000000000000000"),
+        (["--set", "net_arch=1000000,1000000"], "net_arch=[1000000, 1000000]: the run needs"),
+    ],
+)
+def test_bad_values_are_refused_by_name_before_anything_is_written(
+    tmp_path, capsys, extra, message
+):
+    _refused(capsys, tmp_path / "run", _argv(tmp_path / "run", *extra), message)
+
+
+def test_several_bad_values_are_listed_one_per_line(tmp_path, capsys):
+    argv = _argv(tmp_path / "run", "--set", "train_freq=0", "checkpoint_every=0", "threads=0")
+    _refused(capsys, tmp_path / "run", argv, "3 invalid settings:", lines=4)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_refused(tmp_path, capsys):
+    argv = _argv(tmp_path / "run", "--set", "device=cuda")
+    _refused(capsys, tmp_path / "run", argv, "device='cuda': cuda is not available")
+
+
+@pytest.mark.parametrize(
+    ("algo", "env", "message"),
+    [
+        ("dqn", "Pendulum-v1", "dqn needs a Discrete action space; use ddpg or td3"),
+        ("ddpg", "CartPole-v1", "ddpg needs continuous (Box) actions; use dqn"),
+        ("td3", "CartPole-v1", "td3 needs continuous (Box) actions; use dqn"),
+        ("dqn", "CartPol-v1", "env='CartPol-v1': Environment `CartPol` doesn't exist"),
+        ("dqn", "NoSuchModule:Env-v0", "env='NoSuchModule:Env-v0': No module named"),
+    ],
+)
+def test_an_environment_the_agent_cannot_use_is_refused_and_the_fix_runs(
+    tmp_path, capsys, algo, env, message
+):
+    run = tmp_path / "run"
+    argv = ["train", algo, "--env", env, "--total-steps", "10", "--run-dir", str(run)]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not run.exists()
+    if algo == "dqn" and env != "Pendulum-v1":
+        assert _train(run) == 0  # the corrected command is not refused
+
+
+@pytest.mark.parametrize("value", ["1.5", "0", "-3", "inf", "x"])
+def test_total_steps_must_be_a_whole_number(tmp_path, capsys, value):
+    argv = ["train", "dqn", "--env", "CartPole-v1", "--run-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as caught:
+        main([*argv, "--total-steps", value])
+    assert caught.value.code == 2
+    assert f"argument --total-steps: '{value}': must be a whole number >= 1" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_set_takes_several_pairs_and_repeats(tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", "dqn", "--env", "CartPole-v1", "--total-steps", "60", "--no-progress"]
+    argv += ["--run-dir", str(run), "--set", "net_arch=8", "batch_size=8", "learning_starts=20"]
+    argv += ["--set", "eval_every=0", "eval_episodes=1", "--set", "log_every=7"]
+    assert main(argv) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["net_arch"], config["batch_size"], config["learning_starts"]) == ([8], 8, 20)
+    assert (config["eval_every"], config["eval_episodes"], config["log_every"]) == (0, 1, 7)
+
+
+def _argv(run_dir, *extra: str) -> list[str]:
+    return [
+        *("train", "dqn", "--env", "CartPole-v1", "--total-steps", "80", "--no-progress"),
+        *("--run-dir", str(run_dir), *TINY, *extra),
+    ]
+
+
+# --- run directories and checkpoints that cannot be used ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """A finished CartPole DQN run and a finished Pendulum DDPG run."""
+    root = tmp_path_factory.mktemp("runs")
+    assert _train(root / "cartpole") == 0
+    pendulum = ["train", "ddpg", "--env", "Pendulum-v1", "--total-steps", "40", "--no-progress"]
+    pendulum += ["--run-dir", str(root / "pendulum"), "--set", "net_arch=8,8", "batch_size=8"]
+    pendulum += ["learning_starts=20", "eval_every=20", "eval_episodes=1"]
+    assert main(pendulum) == 0
+    return root / "cartpole", root / "pendulum"
+
+
+def test_plot_refuses_to_average_runs_of_different_environments(two_runs, tmp_path, capsys):
+    cartpole, pendulum = two_runs
+    out = tmp_path / "mixed.png"
+    assert main(["plot", str(cartpole), str(pendulum), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cartpole} (CartPole-v1), {pendulum} (Pendulum-v1)" in err
+    assert "plot each environment's runs separately" in err and not out.exists()
+
+
+def test_plot_draws_one_curve_per_experiment(two_runs, tmp_path, monkeypatch):
+    """Two seeds of one configuration share a curve; a run with another gamma gets its own,
+    labelled with it."""
+    from matplotlib.axes import Axes
+
+    cartpole, _ = two_runs
+    assert _train(tmp_path / "seed1", seed=1) == 0
+    assert _train(tmp_path / "gamma", "--set", "gamma=0.5") == 0
+    labels = []
+    real_plot = Axes.plot
+    monkeypatch.setattr(
+        Axes, "plot", lambda self, *a, **kw: labels.append(kw["label"]) or real_plot(self, *a, **kw)
+    )
+    runs = [str(cartpole), str(tmp_path / "seed1"), str(tmp_path / "gamma")]
+    assert main(["plot", *runs, "-o", str(tmp_path / "out.png")]) == 0
+    assert labels == [
+        "dqn CartPole-v1 (paper, gamma=0.99), 2 run(s)",
+        "dqn CartPole-v1 (paper, gamma=0.5), 1 run(s)",
+    ]
+
+
+def test_plot_of_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert main(["plot", str(tmp_path), "-o", str(tmp_path / "x.png")]) == 2
+    assert "is not a run directory of polyak train (no metrics.csv)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate", "checkpoint.pt is not a readable checkpoint"),
+        ("foreign", "checkpoint.pt is not a polyak.rl training checkpoint"),
+        ("config", "checkpoint.pt holds an invalid config: gamma=2.0: must be"),
+        ("policy", "policy.pt is not a readable checkpoint"),
+        ("file", "no checkpoint.pt in"),
+    ],
+)
+def test_eval_of_a_run_dir_it_cannot_use(two_runs, tmp_path, capsys, damage, message):
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[0], run)
+    ckpt = run / "checkpoint.pt"
+    if damage == "truncate":
+        ckpt.write_bytes(ckpt.read_bytes()[:100])
+    elif damage == "foreign":
+        torch.save({"state_dict": {}}, ckpt)
+    elif damage == "config":
+        data = torch.load(ckpt, weights_only=True)
+        data["config"]["gamma"] = 2.0
+        torch.save(data, ckpt)
+    elif damage == "policy":
+        (run / "policy.pt").write_bytes(b"\0" * 10)
+    elif damage == "file":
+        run = tmp_path / "a-file"
+        run.write_text("x")
+    if damage == "file":  # as before: SystemExit with the message
+        with pytest.raises(SystemExit, match=message):
+            main(["eval", str(run)])
+        return
+    assert main(["eval", str(run), "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.splitlines()) <= 2, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "gpu"], "device='gpu': not a torch device"),
+        (["--episodes", "0"], "argument --episodes: '0': must be a whole number >= 1"),
+    ],
+)
+def test_eval_refuses_bad_arguments(two_runs, capsys, argv, message):
+    try:
+        code = main(["eval", str(two_runs[0]), *argv])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err

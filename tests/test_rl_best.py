@@ -29,7 +29,7 @@ from polyak.rl.logging import read_metrics
 TOTAL = 4000
 
 
-def _config(**kw):
+def _config(total_steps=TOTAL, **kw):
     # A short CartPole run that learns, then gets worse: its best evaluation (step 2500) is
     # not its last, so the delivered policy is an earlier copy.
     overrides = {
@@ -46,7 +46,9 @@ def _config(**kw):
         "keep_best": True,
         **kw,
     }
-    return make_config("dqn", "CartPole-v1", "zoo", total_steps=TOTAL, seed=1, overrides=overrides)
+    return make_config(
+        "dqn", "CartPole-v1", "zoo", total_steps=total_steps, seed=1, overrides=overrides
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,14 @@
 """The ``polyak`` command line: ``polyak train | eval | plot``.
 
     polyak train {ddpg,td3,dqn} --env ID --total-steps N --seed S --run-dir DIR
-                 [--preset paper|zoo] [--set KEY=VALUE ...]
+                 [--preset paper|zoo] [--set KEY=VALUE [KEY=VALUE ...]] ...
     polyak eval DIR [--episodes K]      (the run's policy.pt if it has one, else its checkpoint)
     polyak plot DIR [DIR ...] -o out.png
 
 ``train`` on a directory that already has a checkpoint resumes it (same command, same config);
-a directory made with a different configuration is refused with the differing keys.
+a directory made with a different configuration is refused with the differing keys, and so is
+one that another ``train`` is using. Every value is checked before anything is written
+(``polyak.rl.validation``); errors are one line per problem, without a traceback.
 The RL commands need the ``rl`` extra (gymnasium, numpy, rich); ``plot`` needs ``plot``.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = ["main"]
@@ -30,6 +32,27 @@ def _require_rl() -> None:
             f"polyak: the RL commands need the 'rl' extra ({exc.name} is missing): "
             "pip install 'polyak[rl]'"
         ) from None
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum`` (``2e4`` allowed, ``1.5`` refused)."""
+
+    def parse(text: str) -> int:
+        from polyak.rl.config import parse_int
+
+        try:
+            value = parse_int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= {minimum}")
+        return value
+
+    return parse
+
+
+def _number(value: float | None) -> str:
+    return "null (not finite; see the warnings)" if value is None else f"{value:.1f}"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -55,9 +78,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     summary = train(config, run_dir, progress=not args.no_progress)
+    for warning in summary["warnings"]:
+        print(f"polyak train: warning: {warning}", file=sys.stderr)
     sps = summary["steps_per_second"]
     print(
-        f"final evaluation return {summary['final_eval_return']:.1f} "
+        f"final evaluation return {_number(summary['final_eval_return'])} "
         f"(mean of {len(summary['final_eval_returns'])} episodes)"
         + (f", {sps:.0f} steps/s" if sps else "")
     )
@@ -65,7 +90,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(
             f"final policy:   {run_dir / 'policy.pt'}, the weights of step "
             f"{summary['final_policy_step']} (best evaluation; the last weights' return on the "
-            f"same episodes: {summary['last_eval_return']:.1f})"
+            f"same episodes: {_number(summary['last_eval_return'])})"
         )
     print(f"summary:        {run_dir / 'summary.json'}")
     curve = run_dir / "learning_curve.png"
@@ -75,32 +100,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     _require_rl()
-    import gymnasium as gym
+    import dataclasses
+
     import numpy as np
 
-    from polyak.rl.checkpoint import load_checkpoint
+    from polyak.rl.checkpoint import CheckpointError, load_checkpoint, restoring
     from polyak.rl.config import config_from_dict
-    from polyak.rl.loop import evaluate, make_agent
+    from polyak.rl.loop import evaluate, make_agent, read_checkpoint
+    from polyak.rl.rundir import finite_or_null
+    from polyak.rl.spaces import make_env
+    from polyak.rl.validation import validate_config
 
     run_dir = Path(args.run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     if not ckpt_path.exists():
         raise SystemExit(f"polyak eval: no checkpoint.pt in {run_dir}")
-    ckpt = load_checkpoint(ckpt_path)
-    config = config_from_dict(ckpt["config"])
+    ckpt = read_checkpoint(ckpt_path)
+    try:
+        config = config_from_dict(ckpt["config"])
+        validate_config(config)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{ckpt_path} holds an invalid config: {exc}") from None
     if args.device:
-        config.device = args.device
-    env = gym.make(config.env)
-    agent, codec, _ = make_agent(config, env, np.random.default_rng(config.seed))
-    env.close()
-    agent.load_networks(ckpt["agent"])
-    step = ckpt["loop"]["step"]
+        config = dataclasses.replace(config, device=args.device)
+        validate_config(config)
+    env = make_env(config.env)
+    try:
+        agent, codec, _ = make_agent(config, env, np.random.default_rng(config.seed))
+    finally:
+        env.close()
+    with restoring(ckpt_path):
+        agent.load_networks(ckpt["agent"])
+        step = ckpt["loop"]["step"]
     policy_path = run_dir / "policy.pt"
     delivered = policy_path.exists()  # a finished keep_best run delivers the policy it chose
     if delivered:
         chosen = load_checkpoint(policy_path)
-        agent.policy_network().load_state_dict(chosen["policy"])
-        step = chosen["step"]
+        with restoring(policy_path):
+            agent.policy_network().load_state_dict(chosen["policy"])
+            step = chosen["step"]
     episodes = args.episodes or config.eval_episodes
     returns = evaluate(agent, codec, config.env, episodes, args.seed)
     result = {
@@ -112,7 +150,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "std_return": float(np.std(returns)),
         "returns": returns,
     }
-    print(json.dumps(result, indent=2))
+    warnings: list[str] = []
+    result = {key: finite_or_null(value, key, warnings) for key, value in result.items()}
+    result["warnings"] = warnings
+    print(json.dumps(result, indent=2, allow_nan=False))
     return 0
 
 
@@ -138,18 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", required=True, help="gymnasium environment id, e.g. Pendulum-v1")
     p.add_argument(
         "--total-steps",
-        type=lambda s: int(float(s)),
+        type=_count(1),
         default=None,
         help="environment steps (default: the zoo's n_timesteps with --preset zoo)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_count(0), default=0)
     p.add_argument("--run-dir", required=True, help="output directory (resumed if it exists)")
     p.add_argument("--preset", choices=["paper", "zoo"], default="paper")
     p.add_argument(
         "--set",
-        action="append",
+        action="extend",
+        nargs="+",
         metavar="KEY=VALUE",
-        help="override a config field, e.g. --set eval_every=0 --set net_arch=64,64",
+        help="override config fields, e.g. --set eval_every=0 net_arch=64,64 (repeatable)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
@@ -159,8 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a run's policy deterministically (policy.pt if any, else the checkpoint)",
     )
     p.add_argument("run_dir")
-    p.add_argument("--episodes", type=int, default=None, help="default: the run's eval_episodes")
-    p.add_argument("--seed", type=int, default=0, help="episode k is reset with seed + k")
+    p.add_argument(
+        "--episodes", type=_count(1), default=None, help="default: the run's eval_episodes"
+    )
+    p.add_argument("--seed", type=_count(0), default=0, help="episode k is reset with seed + k")
     p.add_argument("--device", default=None, help="override the run's device")
     p.set_defaults(func=_cmd_eval)
 
@@ -172,12 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; its errors are printed without a traceback.
+
+    Exit status 2 for what the command was given (a bad value, environment, run directory or
+    checkpoint: ``ValueError`` and the out-of-memory refusal), 1 for an operating-system error
+    during the run (a full disk, a file removed under it), 130 for Ctrl-C.
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, MemoryError) as exc:  # config errors, space errors, resume refusals
         print(f"polyak {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"polyak {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint")
         return 130

@@ -8,17 +8,20 @@ and the agent classes for use in your own loop.
 from polyak.rl.config import DDPGConfig, DQNConfig, RunConfig, TD3Config
 from polyak.rl.ddpg import DDPG
 from polyak.rl.dqn import DQN
-from polyak.rl.loop import ConfigMismatchError, evaluate, train
+from polyak.rl.loop import evaluate, train
 from polyak.rl.noise import GaussianNoise, OrnsteinUhlenbeckNoise
 from polyak.rl.presets import make_config
 from polyak.rl.replay import Batch, ReplayBuffer
+from polyak.rl.rundir import ConfigMismatchError
 from polyak.rl.td3 import TD3
+from polyak.rl.validation import ConfigError, validate_config
 
 __all__ = [
     "DDPG",
     "DQN",
     "TD3",
     "Batch",
+    "ConfigError",
     "ConfigMismatchError",
     "DDPGConfig",
     "DQNConfig",
@@ -30,4 +33,5 @@ __all__ = [
     "evaluate",
     "make_config",
     "train",
+    "validate_config",
 ]

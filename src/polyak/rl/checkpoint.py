@@ -9,7 +9,9 @@ checkpoint or the new one, never a torn file.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,19 @@ import numpy as np
 import torch
 
 __all__ = [
+    "CheckpointError",
     "get_rng_state",
     "load_checkpoint",
     "remove_stale_temps",
+    "restoring",
     "save_atomic",
     "set_rng_state",
 ]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used: unreadable (truncated, not a torch file, pickled code)
+    or not the checkpoint expected (another kind of file, another run)."""
 
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -46,15 +55,53 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
 
 
 def remove_stale_temps(path: str | os.PathLike[str]) -> None:
-    """Delete temp files left by a process killed in the middle of :func:`save_atomic`."""
+    """Delete temp files left by a process killed in the middle of :func:`save_atomic`.
+
+    Only for a caller that knows no other process writes ``path`` (the run directory's lock,
+    ``polyak.rl.rundir``): a live writer's temp file looks the same.
+    """
     path = Path(path)
     for tmp in path.parent.glob(f".{path.name}.tmp-*"):
         tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint on the CPU with ``weights_only=True``; modules move it to their device."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint on the CPU with ``weights_only=True``; modules move it to their device.
+
+    A file that does not load (truncated, empty, not written by ``torch.save``, or holding
+    pickled objects other than tensors and containers) raises :class:`CheckpointError` naming
+    the file; so does one that holds something other than a dict.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    # torch.load reports a damaged file as whatever its reader hit first (RuntimeError from the
+    # zip reader, EOFError, KeyError, UnpicklingError, ...): any failure means "unreadable".
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(exc).__name__}"
+            + (f": {reason}" if reason else "")
+            + "); it may be truncated or another kind of file. Move it away to start the run "
+            "over, or use another --run-dir"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint (a dict)")
+    return obj
+
+
+@contextlib.contextmanager
+def restoring(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Around code that loads the entries of the checkpoint at ``path`` into modules: an entry
+    that is missing or does not fit (a ``KeyError``, a shape mismatch in ``load_state_dict``,
+    ...) becomes a :class:`CheckpointError` naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{path} does not fit this run ({type(exc).__name__}: {detail}); it was not written "
+            "for this configuration. Move it away to start the run over, or use another --run-dir"
+        ) from None
 
 
 def get_rng_state(rng: np.random.Generator) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 A run is fully described by its config (plus the code): ``config.json`` in the run directory is
 ``dataclasses.asdict(config)``, and re-running ``train`` on that directory resumes only if the new
-config is identical; otherwise :func:`config_diff` names the keys that differ.
+config is identical; otherwise :func:`stored_config_diff` names the keys that differ. What values
+each field may take is checked by ``polyak.rl.validation``.
 
 The field defaults are the ``paper`` preset (the DDPG paper, TD3 paper, DQN Nature paper); see
 ``polyak.rl.presets`` for the ``zoo`` values and where each number comes from.
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "FLAG_KEYS",
+    "PRESETS",
     "DDPGConfig",
     "DQNConfig",
     "RunConfig",
@@ -24,8 +27,16 @@ __all__ = [
     "config_class",
     "config_diff",
     "config_from_dict",
+    "parse_int",
     "parse_overrides",
+    "stored_config_diff",
 ]
+
+PRESETS = ("paper", "zoo")  # polyak.rl.presets builds them
+
+# Fields that a run takes from their own argument (command-line flag, make_config argument),
+# never from ``--set`` / ``overrides``, which would otherwise be silently overwritten by it.
+FLAG_KEYS = {"algo": "ALGO", "env": "--env", "preset": "--preset", "seed": "--seed"}
 
 
 @dataclass
@@ -133,6 +144,19 @@ def config_class(algo: str) -> type[RunConfig]:
         raise ValueError(f"unknown algorithm {algo!r}; choose from {sorted(_CLASSES)}") from None
 
 
+def parse_int(text: str) -> int:
+    """A whole number written as an integer (``"20000"``, ``"20_000"``) or a float that is one
+    (``"2e4"``); ``ValueError`` for anything else (``"1.5"``, ``"inf"``, ``"nan"``, ``"x"``)."""
+    text = text.strip()
+    try:
+        return int(text)  # exact, however large
+    except ValueError:
+        value = float(text)
+        if not value.is_integer():  # also False for inf and nan
+            raise ValueError(f"{text!r} is not a whole number") from None
+        return int(value)
+
+
 def _parse_value(cls: type[RunConfig], key: str, text: str) -> Any:
     hints = typing.get_type_hints(cls)
     kind = hints[key]
@@ -143,18 +167,21 @@ def _parse_value(cls: type[RunConfig], key: str, text: str) -> Any:
                 raise ValueError(text)
             return low in ("true", "1", "yes")
         if kind is int:
-            value = float(text)  # accepts "2e4"
-            if value != int(value):
-                raise ValueError(text)
-            return int(value)
+            return parse_int(text)
         if kind is float:
             return float(text)
         if kind == list[int]:
-            items = json.loads(text) if text.strip().startswith("[") else text.split(",")
-            return [int(x) for x in items]
+            if text.strip().startswith("["):
+                items = json.loads(text)
+                if not isinstance(items, list):
+                    raise ValueError(text)
+            else:
+                items = text.split(",") if text.strip() else []
+            return [parse_int(str(x)) for x in items]
         return text
     except ValueError:
-        raise ValueError(f"--set {key}={text}: expected a value of type {kind}") from None
+        example = " (64,64 or [64, 64])" if kind == list[int] else ""
+        raise ValueError(f"--set {key}={text}: expected a value of type {kind}{example}") from None
 
 
 def parse_overrides(cls: type[RunConfig], pairs: list[str]) -> dict[str, Any]:
@@ -175,13 +202,33 @@ def parse_overrides(cls: type[RunConfig], pairs: list[str]) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Rebuild a config from ``config.json`` (its ``algo`` picks the class)."""
+    """Rebuild a config from ``config.json`` (its ``algo`` picks the class). The values are not
+    checked here: ``polyak.rl.validation.validate_config`` does that."""
+    if not isinstance(data, dict) or "algo" not in data:
+        raise ValueError(f"a config is a JSON object with an 'algo' key, got {str(data)[:80]}")
     cls = config_class(data["algo"])
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"config has unknown keys for {cls.__name__}: {', '.join(unknown)}")
     return cls(**data)
+
+
+def stored_config_diff(stored: dict[str, Any], config: RunConfig) -> list[str]:
+    """:func:`config_diff` of a config saved by an earlier run (``config.json``, a checkpoint's
+    ``"config"``) against ``config``.
+
+    A field added to the config after the run was made (absent from what it saved) is taken at
+    its default: new fields default to the behavior the code had before them.
+    """
+    old = dict(stored)
+    for f in dataclasses.fields(config):
+        if f.name not in old:
+            if f.default is not dataclasses.MISSING:
+                old[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                old[f.name] = f.default_factory()
+    return config_diff(old, dataclasses.asdict(config))
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -41,6 +41,7 @@ from polyak.rl.config import DDPGConfig
 from polyak.rl.networks import Actor, Critic
 from polyak.rl.noise import ActionNoise, make_noise
 from polyak.rl.replay import Batch
+from polyak.rl.validation import validate_config
 
 __all__ = ["DDPG", "act_deterministic", "deterministic_policy_gradient_step"]
 
@@ -95,6 +96,7 @@ class DDPG(Agent):
         rng: np.random.Generator,
         device: torch.device,
     ) -> None:
+        validate_config(config)
         self.config, self.device = config, device
         self.actor = Actor(obs_dim, action_dim, config.net_arch, config.final_init).to(device)
         self.critic = self.critic_class(

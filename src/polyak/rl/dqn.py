@@ -46,6 +46,7 @@ from polyak.rl.agent import Agent, adam
 from polyak.rl.config import DQNConfig
 from polyak.rl.networks import QNetwork
 from polyak.rl.replay import Batch, minibatch
+from polyak.rl.validation import validate_config
 
 __all__ = ["DQN", "linear_epsilon"]
 
@@ -74,13 +75,7 @@ class DQN(Agent):
         rng: np.random.Generator,
         device: torch.device,
     ) -> None:
-        if config.loss not in ("huber", "mse"):
-            raise ValueError(f"dqn: loss must be 'huber' or 'mse', got {config.loss!r}")
-        if config.target_update_interval > 0 and config.tau != 1.0:
-            raise ValueError(
-                "dqn: target_update_interval > 0 makes hard copies, which need tau=1; for soft "
-                "updates after every gradient step set target_update_interval=0 and tau < 1"
-            )
+        validate_config(config)
         self.config, self.device, self.rng, self.n_actions = config, device, rng, n_actions
         self.q = QNetwork(obs_dim, n_actions, config.net_arch, config.final_init).to(device)
         inner = adam(self.q.parameters(), config.learning_rate)
@@ -103,10 +98,6 @@ class DQN(Agent):
         self.eval_ema: polyak.ExponentialMovingAverage | None = None
         self.q_eval: nn.Module = self.q
         if config.eval_ema_decay != 0.0:
-            if not 0.0 < config.eval_ema_decay < 1.0:
-                raise ValueError(
-                    f"dqn: eval_ema_decay must be in [0, 1) (0 = off), got {config.eval_ema_decay}"
-                )
             self.eval_ema = polyak.ExponentialMovingAverage(
                 config.eval_ema_decay,
                 num_updates=self.step if config.eval_ema_num_updates else None,

@@ -10,6 +10,11 @@ apply::
 - every ``log_every`` steps a row holds the latest losses;
 - each evaluation fills ``eval_return`` (mean over its deterministic episodes).
 
+A value that is NaN or infinite (a diverged loss, an environment's NaN reward) leaves its cell
+empty: CSV readers disagree on ``nan``/``inf`` tokens. The logger counts such values per column
+(:meth:`MetricsLogger.warnings`; kept in the checkpoint) and the run reports them in
+``summary.json``'s ``warnings``. TensorBoard receives the values as they are.
+
 Only values that are a function of the seed go in, no wall-clock times, so two runs of the same
 command give identical files. On resume, rows past the checkpoint's step (written by the killed
 process after its last checkpoint) are dropped, and TensorBoard purges them too; so is the final
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -50,10 +56,15 @@ class MetricsLogger:
         loss_keys: Sequence[str],
         resume_step: int,
         final_step: int | None = None,
+        nonfinite: dict[str, list[int]] | None = None,
     ) -> None:
         """``final_step``: the run's last step, whose evaluation row (logged after the last
-        checkpoint) is dropped on resume, as it is logged again when the run ends."""
+        checkpoint) is dropped on resume, as it is logged again when the run ends.
+        ``nonfinite``: the count of the rows kept, from the checkpoint (see :attr:`nonfinite`).
+        """
         self.columns = [*BASE_COLUMNS, *loss_keys]
+        # column -> [number of NaN/infinite values left out, step of the first one]
+        self.nonfinite: dict[str, list[int]] = {k: list(v) for k, v in (nonfinite or {}).items()}
         self.path = run_dir / "metrics.csv"
         if resume_step > 0 and self.path.exists():
             kept = [
@@ -81,10 +92,25 @@ class MetricsLogger:
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, step: int, **values: float) -> None:
-        self._writer.writerow({"step": step, **{k: f"{v:.9g}" for k, v in values.items()}})
+        cells = {}
+        for key, value in values.items():
+            if math.isfinite(value):
+                cells[key] = f"{value:.9g}"
+            else:
+                count = self.nonfinite.setdefault(key, [0, step])
+                count[0] += 1
+        self._writer.writerow({"step": step, **cells})
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(key, value, step)
+
+    def warnings(self) -> list[str]:
+        """One line per column that had NaN or infinite values, for ``summary.json``."""
+        return [
+            f"metrics.csv: {count} {key} value(s) were NaN or infinite (the first at step "
+            f"{first}); their cells are empty"
+            for key, (count, first) in self.nonfinite.items()
+        ]
 
     def flush(self) -> None:
         self._file.flush()

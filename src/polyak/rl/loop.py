@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -47,24 +46,38 @@ import torch
 from polyak.rl.agent import Agent
 from polyak.rl.best import BestPolicy
 from polyak.rl.checkpoint import (
+    CheckpointError,
     get_rng_state,
     load_checkpoint,
     remove_stale_temps,
+    restoring,
     save_atomic,
     set_rng_state,
 )
-from polyak.rl.config import RunConfig, config_diff
+from polyak.rl.config import RunConfig
 from polyak.rl.logging import MetricsLogger, Progress
 from polyak.rl.replay import ReplayBuffer
-from polyak.rl.spaces import check_box_actions, check_discrete_actions, check_observations
+from polyak.rl.rundir import (
+    ConfigMismatchError,
+    RunDirLock,
+    check_run_dir,
+    check_same_run,
+    finite_or_null,
+    write_config,
+    write_json,
+)
+from polyak.rl.spaces import (
+    check_box_actions,
+    check_discrete_actions,
+    check_observations,
+    make_env,
+)
+from polyak.rl.validation import check_memory, validate_config
 
-__all__ = ["ConfigMismatchError", "evaluate", "make_agent", "train"]
+__all__ = ["ConfigMismatchError", "evaluate", "make_agent", "read_checkpoint", "train"]
 
 CHECKPOINT_VERSION = 1
-
-
-class ConfigMismatchError(ValueError):
-    """The run directory holds a run made with a different configuration."""
+_CHECKPOINT_KEYS = {"version", "config", "agent", "training", "replay", "rng", "loop"}
 
 
 class _ActionCodec:
@@ -96,13 +109,15 @@ class _ActionCodec:
 def make_agent(
     config: RunConfig, env: gym.Env, rng: np.random.Generator
 ) -> tuple[Agent, _ActionCodec, int]:
-    """Build the agent of ``config.algo`` for ``env``'s spaces (checked, with clear errors)."""
+    """Build the agent of ``config.algo`` for ``env``'s spaces (checked, with clear errors),
+    once the memory it and its replay buffer need is known to be there."""
     from polyak.rl.ddpg import DDPG
     from polyak.rl.dqn import DQN
     from polyak.rl.td3 import TD3
 
     obs_dim = check_observations(env.observation_space, config.algo)
     codec = _ActionCodec(env, config.algo)
+    check_memory(config, obs_dim, codec.n if codec.discrete else codec.dim)
     device = torch.device(config.device)
     cls = {"ddpg": DDPG, "td3": TD3, "dqn": DQN}[config.algo]
     agent = cls(config, obs_dim, codec.n if codec.discrete else codec.dim, rng, device)
@@ -117,7 +132,7 @@ def evaluate(
     Episode ``k`` is reset with seed ``seed + k``, and nothing here touches the training
     generators, so evaluating never changes the training run.
     """
-    env = gym.make(env_id)
+    env = make_env(env_id)
     returns = []
     try:
         for k in range(episodes):
@@ -159,92 +174,130 @@ class _Clock:
         self.cpu += time.process_time() - self._started[1]
 
 
-def _check_run_dir(run_dir: Path, config: RunConfig) -> None:
-    path = run_dir / "config.json"
-    new = dataclasses.asdict(config)
-    if path.exists():
-        old = json.loads(path.read_text())
-        # A field added to the config after the run was made (absent from its config.json) is
-        # taken at its default: new fields default to the behavior the code had before them.
-        for f in dataclasses.fields(config):
-            if f.name not in old and f.name in new:
-                if f.default is not dataclasses.MISSING:
-                    old[f.name] = f.default
-                elif f.default_factory is not dataclasses.MISSING:
-                    old[f.name] = f.default_factory()
-        diff = config_diff(old, new)
-        if diff:
-            raise ConfigMismatchError(
-                f"{run_dir} holds a run with a different configuration; differing keys:\n  "
-                + "\n  ".join(diff)
-                + "\nUse another --run-dir, or repeat the original command to resume."
-            )
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".config.json.tmp")
-        tmp.write_text(json.dumps(new, indent=2) + "\n")
-        tmp.replace(path)
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint written by :func:`train`, its structure checked
+    (:class:`~polyak.rl.checkpoint.CheckpointError` naming the file otherwise)."""
+    ckpt = load_checkpoint(path)
+    missing = sorted(_CHECKPOINT_KEYS - set(ckpt))
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a polyak.rl training checkpoint (it has no {', '.join(missing)}); "
+            "move it away to start the run over, or use another --run-dir"
+        )
+    if ckpt["version"] != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} is a version {ckpt['version']!r} checkpoint; this polyak reads version "
+            f"{CHECKPOINT_VERSION}"
+        )
+    if not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"{path}: its 'config' entry is not a config")
+    return ckpt
 
 
 def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run in ``run_dir`` and return its ``summary.json`` contents."""
+    """Train (or resume) the run in ``run_dir`` and return its ``summary.json`` contents.
+
+    Everything is checked before anything is written to ``run_dir``: the config
+    (``polyak.rl.validation``), the directory and any ``config.json`` in it, the environment and
+    its spaces, the memory the run needs. Then the directory is locked for the run
+    (``polyak.rl.rundir``), and a checkpoint in it is checked (readable, this run's
+    configuration and seed) before ``config.json`` is written.
+    """
     run_dir = Path(run_dir)
-    _check_run_dir(run_dir, config)
+    validate_config(config)
+    check_run_dir(run_dir, config)
     ckpt_path = run_dir / "checkpoint.pt"
-    remove_stale_temps(ckpt_path)
-    remove_stale_temps(run_dir / "policy.pt")
 
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    env = gym.make(config.env)
-    agent, codec, obs_dim = make_agent(config, env, rng)
-    replay = ReplayBuffer(
-        min(config.buffer_size, config.total_steps),  # never allocate rows that stay empty
-        obs_dim,
-        codec.dim,
-        rng=rng,
-        device=agent.device,
-        dtype=agent.dtype,
-    )
+    with contextlib.ExitStack() as cleanup:
+        env = make_env(config.env)
+        cleanup.callback(env.close)
+        torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        rng = np.random.default_rng(config.seed)
+        agent, codec, obs_dim = make_agent(config, env, rng)
+        replay = ReplayBuffer(
+            min(config.buffer_size, config.total_steps),  # never allocate rows that stay empty
+            obs_dim,
+            codec.dim,
+            rng=rng,
+            device=agent.device,
+            dtype=agent.dtype,
+        )
+        cleanup.enter_context(RunDirLock(run_dir))  # the first write to run_dir
+        # Again, under the lock: another process may have started a run here meanwhile.
+        check_run_dir(run_dir, config)
+        remove_stale_temps(ckpt_path)  # the lock says their writer is gone
+        remove_stale_temps(run_dir / "policy.pt")
+        summary = _train_locked(config, run_dir, env, agent, codec, replay, rng, progress)
+    return summary
 
+
+def _train_locked(
+    config: RunConfig,
+    run_dir: Path,
+    env: gym.Env,
+    agent: Agent,
+    codec: _ActionCodec,
+    replay: ReplayBuffer,
+    rng: np.random.Generator,
+    progress: bool,
+) -> dict[str, Any]:
+    """:func:`train` once the run directory is locked: resume or start, the step loop, the
+    final evaluation and ``summary.json``."""
+    ckpt_path = run_dir / "checkpoint.pt"
     # Loop state; everything here goes into the checkpoint.
     step, episodes, ep_return, ep_length = 0, 0, 0.0, 0
     last_losses: dict[str, torch.Tensor] = {}
     clock = _Clock()  # time spent in the loop, evaluations and checkpoint writes excluded
     best = BestPolicy()  # keep_best's choice so far
+    nonfinite: dict[str, list[int]] = {}  # metrics.csv's left-out values (MetricsLogger)
     obs, _ = env.reset(seed=config.seed)
     ep_env_rng: dict[str, Any] | None = None  # env generator state before this episode's reset
     ep_actions: list[Any] = []
 
     if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        agent.load_networks(ckpt["agent"])
-        agent.load_training_state(ckpt["training"])
-        replay.load_state_dict(ckpt["replay"])
-        if "best" in ckpt:  # absent from checkpoints written before keep_best existed
-            best.load_state_dict(ckpt["best"])
-        set_rng_state(rng, ckpt["rng"])
-        loop = ckpt["loop"]
-        step, episodes = loop["step"], loop["episodes"]
-        ep_return, ep_length = loop["episode_return"], loop["episode_length"]
-        last_losses = loop["last_losses"]
-        clock = _Clock(loop["train_seconds"], loop["train_cpu_seconds"])
-        ep_env_rng = loop["episode_env_rng"]
+        ckpt = read_checkpoint(ckpt_path)
+        check_same_run(ckpt_path, ckpt["config"], config)
+        with restoring(ckpt_path):
+            agent.load_networks(ckpt["agent"])
+            agent.load_training_state(ckpt["training"])
+            replay.load_state_dict(ckpt["replay"])
+            if "best" in ckpt:  # absent from checkpoints written before keep_best existed
+                best.load_state_dict(ckpt["best"])
+            set_rng_state(rng, ckpt["rng"])
+            loop = ckpt["loop"]
+            step, episodes = loop["step"], loop["episodes"]
+            ep_return, ep_length = loop["episode_return"], loop["episode_length"]
+            last_losses = loop["last_losses"]
+            clock = _Clock(loop["train_seconds"], loop["train_cpu_seconds"])
+            ep_env_rng = loop["episode_env_rng"]
+            nonfinite = loop.get("nonfinite_metrics", {})  # absent before it was recorded
+            saved_actions, saved_obs = loop["episode_actions"], loop["obs"].numpy()
         # Rebuild the environment mid-episode: reset from the same generator state, replay.
         if ep_env_rng is not None:
             env.unwrapped.np_random.bit_generator.state = ep_env_rng
             obs, _ = env.reset()
-        ep_actions = [a.numpy() if codec.dim else int(a) for a in loop["episode_actions"]]
+        ep_actions = [a.numpy() if codec.dim else int(a) for a in saved_actions]
         for a in ep_actions:
             obs, *_ = env.step(a)
-        if not np.array_equal(obs, loop["obs"].numpy()):
+        if not np.array_equal(obs, saved_obs):
             raise RuntimeError(
                 f"{config.env} did not replay deterministically from the checkpoint; "
                 "resuming this environment is not supported"
             )
     else:
         agent.on_episode_start()
+    write_config(run_dir, config)
+
+    # The final evaluation is logged after the last checkpoint: re-running a finished run
+    # evaluates again, so its old row goes (periodic evaluations skip the last step).
+    logger = MetricsLogger(
+        run_dir,
+        _loss_keys(config),
+        resume_step=step,
+        final_step=config.total_steps,
+        nonfinite=nonfinite,
+    )
 
     def save_checkpoint() -> None:
         actions = (
@@ -272,16 +325,12 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
                     "episode_env_rng": ep_env_rng,
                     "episode_actions": actions,
                     "obs": torch.from_numpy(np.asarray(obs).copy()),
+                    "nonfinite_metrics": logger.nonfinite,
                 },
             },
             ckpt_path,
         )
 
-    # The final evaluation is logged after the last checkpoint: re-running a finished run
-    # evaluates again, so its old row goes (periodic evaluations skip the last step).
-    logger = MetricsLogger(
-        run_dir, _loss_keys(config), resume_step=step, final_step=config.total_steps
-    )
     gradient_steps = config.gradient_steps if config.gradient_steps > 0 else config.train_freq
     bar = Progress(config.total_steps, step, f"{config.algo} {config.env}", enabled=progress)
     try:
@@ -337,7 +386,6 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
         bar.update(step, force=True)
     finally:
         bar.close()
-        env.close()
 
     returns = evaluate(agent, codec, config.env, config.eval_episodes, _eval_seed(config))
     final = float(np.mean(returns))
@@ -365,9 +413,10 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
         "threads": config.threads,
         "device": config.device,
     }
-    tmp = run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(run_dir / "summary.json")
+    warnings = logger.warnings()
+    summary = {key: finite_or_null(value, key, warnings) for key, value in summary.items()}
+    summary["warnings"] = warnings
+    write_json(run_dir / "summary.json", summary)
     _try_plot(run_dir)
     return summary
 

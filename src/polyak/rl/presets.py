@@ -38,11 +38,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from polyak.rl.config import RunConfig, config_class
+from polyak.rl.config import FLAG_KEYS, PRESETS, RunConfig, config_class
+from polyak.rl.validation import ConfigError, validate_config
 
 __all__ = ["PRESETS", "SB3_DEFAULTS", "ZOO", "make_config"]
-
-PRESETS = ("paper", "zoo")
 
 # Stable-Baselines3 2.x constructor defaults (DDPG/TD3/DQN.__init__, TD3Policy net_arch [400, 300],
 # DQNPolicy net_arch [64, 64]); the zoo files override some of them per environment.
@@ -182,14 +181,43 @@ def make_config(
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Build the config of a run: class defaults, then the preset, then ``overrides``.
+    """Build the config of a run: class defaults, then the preset, then ``overrides``, and
+    check it (``polyak.rl.validation.validate_config``).
 
-    ``total_steps=None`` takes the zoo's ``n_timesteps`` for the environment when the preset has
-    one, and is an error otherwise.
+    ``total_steps=None`` takes ``overrides["total_steps"]``, else the zoo's ``n_timesteps`` for
+    the environment when the preset has one, and is an error otherwise. ``algo``, ``env``,
+    ``preset`` and ``seed`` come from their arguments only: in ``overrides`` they are refused.
     """
     cls = config_class(algo)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    overrides = overrides or {}
+    flagged = [key for key in overrides if key in FLAG_KEYS]
+    if flagged:
+        raise ConfigError(
+            [
+                (
+                    key,
+                    f"{key}={overrides[key]!r} cannot be set with --set (overrides): it has its "
+                    f"own argument, {FLAG_KEYS[key]}",
+                )
+                for key in flagged
+            ]
+        )
+    if (
+        total_steps is not None
+        and "total_steps" in overrides
+        and overrides["total_steps"] != total_steps
+    ):
+        raise ConfigError(
+            [
+                (
+                    "total_steps",
+                    f"total_steps given twice: --total-steps {total_steps} and --set "
+                    f"total_steps={overrides['total_steps']!r}; give one",
+                )
+            ]
+        )
     values: dict[str, Any] = {}
     if preset == "zoo":
         table = ZOO[algo]
@@ -201,13 +229,15 @@ def make_config(
         values.update(SB3_DEFAULTS[algo])
         values.update(table[env])
     default_steps = values.pop("total_steps", None)
-    values.update(overrides or {})
+    values.update(overrides)
     steps = total_steps if total_steps is not None else values.pop("total_steps", default_steps)
-    if steps is None or steps <= 0:
+    if steps is None:
         raise ValueError(f"{algo} on {env}: give --total-steps N (N > 0)")
-    values.update(algo=algo, env=env, preset=preset, total_steps=int(steps), seed=seed)
+    values.update(algo=algo, env=env, preset=preset, total_steps=steps, seed=seed)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
-    if unknown:  # a preset table typo, not a user error: fail loudly
-        raise ValueError(f"preset keys not in {cls.__name__}: {', '.join(unknown)}")
-    return cls(**values)
+    if unknown:
+        raise ValueError(f"unknown keys for {cls.__name__}: {', '.join(unknown)}")
+    config = cls(**values)
+    validate_config(config)
+    return config

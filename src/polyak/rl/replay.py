@@ -81,7 +81,7 @@ class ReplayBuffer:
         self._rew = obs_dim + a
         self._next = slice(self._rew + 1, self._rew + 1 + obs_dim)
         self._term = self._rew + 1 + obs_dim
-        self.width = self._term + 2
+        self.width = self.row_width(obs_dim, action_dim)
         self.rng, self.device, self.dtype = rng, torch.device(device), dtype
         np_dtype = torch.empty((), dtype=dtype).numpy().dtype
         self.nbytes = capacity * self.width * np_dtype.itemsize
@@ -98,6 +98,12 @@ class ReplayBuffer:
         self._data = np.zeros((capacity, self.width), dtype=np_dtype)
         self.pos = 0
         self.size = 0
+
+    @staticmethod
+    def row_width(obs_dim: int, action_dim: int) -> int:
+        """Values per transition: ``obs, action (1 if discrete), reward, next_obs, terminated,
+        truncated``."""
+        return 2 * obs_dim + max(action_dim, 1) + 3
 
     def __len__(self) -> int:
         return self.size

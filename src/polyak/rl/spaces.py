@@ -1,4 +1,8 @@
-"""Checks that an environment's spaces are ones an agent can handle, with errors that say why.
+"""Environments for the agents: made by id, and checked to have spaces an agent can handle, with
+errors that say why.
+
+:func:`make_env` is ``gymnasium.make`` whose failures (an unknown id, a missing dependency) name
+the id and say where the registered ids are listed.
 
 DDPG and TD3 need a flat ``Box`` action space with finite bounds (the actor's ``tanh`` output is
 rescaled onto them); DQN needs a ``Discrete`` action space (one Q-value per action). All three need
@@ -11,7 +15,28 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-__all__ = ["check_box_actions", "check_discrete_actions", "check_observations"]
+from polyak.rl.validation import ConfigError
+
+__all__ = ["check_box_actions", "check_discrete_actions", "check_observations", "make_env"]
+
+
+def make_env(env_id: str) -> gym.Env:
+    """``gymnasium.make(env_id)``; a :class:`ConfigError` naming ``env`` if Gymnasium refuses."""
+    try:
+        return gym.make(env_id)
+    except (gym.error.DependencyNotInstalled, ImportError) as exc:  # ImportError: "module:Id"
+        raise ConfigError([("env", f"env={env_id!r}: {exc}")]) from None
+    except gym.error.Error as exc:
+        raise ConfigError(
+            [
+                (
+                    "env",
+                    f"env={env_id!r}: {exc} (python -c 'import gymnasium; "
+                    "gymnasium.pprint_registry()' lists the registered ids; for a "
+                    "third-party environment write module:EnvName-v0 to import its module)",
+                )
+            ]
+        ) from None
 
 
 def check_observations(space: gym.Space, algo: str) -> int:
