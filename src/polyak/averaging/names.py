@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["BufferPolicy", "canonical_name", "module_tensors"]
+__all__ = ["BufferPolicy", "canonical_name", "module_tensors", "tensor_owners"]
 
 BufferPolicy = Literal["average", "copy", "ignore"]
 
@@ -60,3 +60,15 @@ def module_tensors(
             seen.add(id(buf))
             name = f"{prefix}.{local}" if prefix else local
             yield canonical_name(name), buf, buffers == "average" and buf.is_floating_point()
+
+
+def tensor_owners(module: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """``{id(tensor): [(submodule, attribute), ...]}`` for every parameter and buffer of
+    ``module``: where each one is held (a tied weight is held in several places)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for sub in module.modules():
+        for attr, param in sub.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append((sub, attr))
+        for attr, buf in sub.named_buffers(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(buf), []).append((sub, attr))
+    return owners
