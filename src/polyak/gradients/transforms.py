@@ -587,8 +587,9 @@ class accumulate(Transform):
         self.k = check_int(k, "k", "accumulate", low=1)
         self.count = 0
         self._sums: list[torch.Tensor] | None = None
-        # The first micro-step's variables (None after load_state_dict: shapes are checked).
-        self._params: list[torch.Tensor] | None = None
+        # The first micro-step's variables and their names (None after load_state_dict:
+        # then shapes are checked).
+        self._first: tuple[list[torch.Tensor], list[str] | Callable[[], list[str]]] | None = None
 
     def __call__(self, step: GradientStep) -> None:
         if self.k == 1:
@@ -602,7 +603,7 @@ class accumulate(Transform):
                 grads[i] = map_values(g, lambda v: torch.where(keep, v, 0))
         if self.count == 0:
             self._sums = flat_like(grads, copy=False)
-            self._params = list(step.params)
+            self._first = (list(step.params), step._names)
         self.count += 1
         sums = self._sums
         assert sums is not None
@@ -628,28 +629,30 @@ class accumulate(Transform):
                 grads[i] = (sums[i] / self.k).coalesce()
         self.count = 0
         self._sums = None
-        self._params = None
+        self._first = None
 
     def _check_same_variables(self, step: GradientStep) -> None:
         """Micro-step ``count + 1`` must have the first one's variables, in the same order
         (the running sums are positional); raises naming them, before anything changes."""
-        sums, params = self._sums or [], self._params
+        sums, first = self._sums or [], self._first
         if len(step.params) == len(sums) and (
-            all(map(_is, params, step.params))
-            if params is not None
+            all(map(_is, first[0], step.params))
+            if first is not None
             else all(
                 s.shape == g.shape and s.dtype == g.dtype and s.device == g.device
                 for s, g in zip(sums, step.grads)
             )
         ):
             return
-        first = "unknown (loaded from a state dict)" if params is None else (
-            f"{len(params)}: {_names_of(step, params)}"
-        )
+        if first is None:
+            had = f"{len(sums)} of shapes {[tuple(t.shape) for t in sums[:10]]}"
+        else:
+            names = first[1]() if callable(first[1]) else first[1]
+            had = f"{len(names)}: {names[:10]}"
         raise ValueError(
             f"accumulate: the variables changed in the middle of an accumulation: micro-step "
             f"{self.count + 1} of {self.k} has {len(step.params)}: {step.names[:10]}, the first "
-            f"had {first}. Every micro-step must apply gradients to the same variables; finish "
+            f"had {had}. Every micro-step must apply gradients to the same variables; finish "
             "the accumulation (or build a new accumulate) before changing them."
         )
 
@@ -681,13 +684,7 @@ class accumulate(Transform):
         self.count = count
         # Copies: the sums are added to in place, the caller's state dict must not move.
         self._sums = None if sums is None else [t.clone() for t in sums]
-        self._params = None
-
-
-def _names_of(step: GradientStep, params: Sequence[torch.Tensor]) -> list[str]:
-    """Names of ``params`` where this step knows them, else their shapes."""
-    known = {id(p): n for p, n in zip(step.params, step.names)}
-    return [known.get(id(p), f"<shape {tuple(p.shape)}>") for p in params[:10]]
+        self._first = None
 
 
 class masked(Transform):
