@@ -20,7 +20,7 @@ def stop_gradient(t: torch.Tensor) -> torch.Tensor:
     the classic use: ``y = stop_gradient(r + gamma * q_target.max(-1).values)``.
     """
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"stop_gradient: expected a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"stop_gradient: t must be a torch.Tensor, got {type(t).__name__}")
     return t.detach()
 
 

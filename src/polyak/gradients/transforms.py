@@ -196,15 +196,14 @@ def _check_member(t: Transform, state: Any) -> Any:
 def _set_members(members: Sequence[tuple[Transform, Any]]) -> None:
     """Set checked states; members loading through their own ``load_state_dict`` go first,
     and are put back as they were if one of them raises."""
-    done: list[tuple[Transform, dict[str, Any]]] = []
+    touched: list[tuple[Transform, dict[str, Any]]] = []
     try:
         for t, checked in members:
             if isinstance(checked, _Unchecked):
-                before = copy.deepcopy(t.state_dict())
+                touched.append((t, copy.deepcopy(t.state_dict())))
                 t.load_state_dict(checked.state)
-                done.append((t, before))
     except BaseException:
-        for t, before in reversed(done):
+        for t, before in reversed(touched):  # the failing one too: it may have half-loaded
             t.load_state_dict(before)
         raise
     for t, checked in members:
