@@ -67,6 +67,19 @@ def test_state_of_another_model_is_refused_at_load_naming_the_parameter():
     opt.minimize(model(torch.ones(2, 8)).sum())  # still usable
 
 
+@pytest.mark.parametrize(("key", "value"), [("lr", float("nan")), ("betas", (0.9, float("inf")))])
+def test_non_finite_hyper_parameters_in_a_loaded_state_are_refused(key, value):
+    model = _model()
+    opt = polyak.Optimizer(torch.optim.Adam(model.parameters()))
+    opt.minimize(_loss(model))
+    saved = _state(opt)
+    saved["inner"]["param_groups"][0][key] = value
+    before = _state(opt)
+    with pytest.raises(ValueError, match=f"param group 0 has {key}="):
+        opt.load_state_dict(saved)
+    _assert_same(_state(opt), before)
+
+
 def test_minimize_checks_the_loss_before_clearing_grads():
     model = _model()
     opt = polyak.Optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
@@ -322,6 +335,30 @@ def test_a_replaced_module_tensor_is_not_averaged_from_the_dead_one(how):
     ema.update()
     expected = torch.lerp(before["averages"][name], torch.full_like(ema.average(name), 4.0), 0.5)
     assert torch.equal(ema.average(name), expected)
+
+
+def test_a_replaced_submodule_is_noticed_too():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
+    ema = polyak.ExponentialMovingAverage(0.5)
+    ema.track(model)
+    model[2] = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=r"'2.weight' is no longer.*\(2.weight now holds"):
+        ema.update()
+    ema.apply(model)  # follows the new submodule's tensors
+
+
+def test_two_modules_with_the_same_names_cannot_share_one_average():
+    """TD3's twin critics have the same parameter names: one average would follow both."""
+    critic1, critic2 = _model(), _model()
+    ema = polyak.ExponentialMovingAverage(0.5)
+    ema.apply(critic1)
+    before = _state(ema)
+    with pytest.raises(ValueError, match=r"'0.weight' is tracked from another module.*critic2"):
+        ema.apply(critic2)
+    _assert_same(_state(ema), before)
+    with pytest.raises(ValueError, match="tracked from another module"):
+        ema.apply(dict(critic2.named_parameters()))
+    ema.apply({f"critic2.{n}": p for n, p in critic2.named_parameters()})
 
 
 def test_replacement_check_costs_nothing_while_no_module_changes():

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import functools
 import itertools
+import numbers
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -107,24 +108,32 @@ class _Entry:
         self.average = average  # False: copied (integer state such as num_batches_tracked)
         self.biased = biased  # TF's `biased` accumulator, for zero-debiased values
         self.local_step = 0  # TF's `local_step`, for zero-debiased values
-        # (module, attribute) pairs that held the variable when a module was tracked or
-        # applied: a module that later holds another tensor there was changed under us.
-        self.owners: list[tuple[nn.Module, str]] | None = None
+        # The module it was tracked or applied from and the (submodule path, attribute)
+        # places that held it there: a place that later holds another tensor was changed.
+        self.owners: tuple[nn.Module, list[tuple[str, str]]] | None = None
 
     @property
     def is_value(self) -> bool:
         return self.source is None
 
     def replaced_in(self) -> str | None:
-        """The attribute of an owner module that no longer holds the variable, if any."""
-        for module, attr in self.owners or ():
-            if getattr(module, attr, None) is not self.source:
-                return f"{type(module).__name__}.{attr}"
+        """The place in its module that no longer holds the variable, if any."""
+        if self.owners is None:
+            return None
+        root, places = self.owners
+        for path, attr in places:
+            try:
+                holder = root.get_submodule(path)
+            except AttributeError:
+                return path  # the submodule itself was removed
+            if getattr(holder, attr, None) is not self.source:
+                return f"{path}.{attr}" if path else attr
         return None
 
 
-# Assignments of a parameter or buffer to any module (``m.weight = nn.Parameter(...)``,
-# ``load_state_dict(assign=True)``), counted by torch's global registration hooks once an
+# Assignments of a parameter, buffer or submodule to any module (``m.weight =
+# nn.Parameter(...)``, ``load_state_dict(assign=True)``, ``m.fc = nn.Linear(...)``), counted
+# by torch's global registration hooks once an
 # average tracks a module. ``update`` compares one int to notice them; only when it changed
 # does it look at its variables' owner modules.
 _assignments = [0]
@@ -140,6 +149,7 @@ def _watch_assignments() -> None:
         hooks = torch.nn.modules.module
         hooks.register_module_parameter_registration_hook(_count_assignment)
         hooks.register_module_buffer_registration_hook(_count_assignment)
+        hooks.register_module_module_registration_hook(_count_assignment)
         _watching.append(True)
 
 
@@ -661,6 +671,7 @@ class ExponentialMovingAverage:
             else:
                 self._check_same_kind(entry, tensor, is_value)
                 if not is_value and entry.source is not tensor:
+                    _check_may_follow(entry, var_list)
                     repoint.append((entry, tensor))
             listed.append(entry)
         # Everything is checked: from here on the EMA changes (_track undoes its own work
@@ -689,7 +700,7 @@ class ExponentialMovingAverage:
         _watch_assignments()
         owners = tensor_owners(module)
         for e in fresh:
-            e.owners = owners.get(id(e.source), [])
+            e.owners = (module, owners.get(id(e.source), []))
         if self._assignments_seen == _assignments[0] or self._find_replaced() is None:
             self._assignments_seen = _assignments[0]
 
@@ -850,7 +861,13 @@ class ExponentialMovingAverage:
     def _decay_at(self, t: int) -> float | torch.Tensor:
         """The decay of averaging step ``t``: schedule, TF's num_updates rule, compounding."""
         if self._schedule is not None:
-            decay = float(self._schedule(t))
+            given = self._schedule(t)
+            if isinstance(given, bool) or not isinstance(given, (numbers.Real, torch.Tensor)):
+                raise TypeError(
+                    f"decay schedule {self._schedule!r} gave {given!r} at step {t}; a schedule "
+                    "returns a float in [0, 1]"
+                )
+            decay = float(given)
             if not 0.0 <= decay <= 1.0:
                 raise ValueError(
                     f"decay schedule {self._schedule!r} gave {decay} at step {t}; a decay must "
@@ -1027,6 +1044,22 @@ def _copy_each(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None
 def _is_variable(t: torch.Tensor) -> bool:
     """TF's Variable, in PyTorch: a Parameter, or a leaf tensor that requires grad."""
     return isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad)
+
+
+def _check_may_follow(entry: _Entry, var_list: VarList) -> None:
+    """An entry tracked from a module follows another tensor of the same name only if that
+    module dropped its own (a replaced parameter): two modules with the same names (twin
+    critics) would otherwise take turns moving one average."""
+    if entry.owners is None or entry.owners[0] is var_list or entry.replaced_in() is not None:
+        return
+    raise ValueError(
+        f"ExponentialMovingAverage: '{entry.name}' is tracked from another module, which still "
+        "holds its own tensor of that name. Names are relative to the module passed, so two "
+        "modules with the same names cannot share one average: use one "
+        "ExponentialMovingAverage per module, or name them apart "
+        "({f'critic2.{n}': p for n, p in critic2.named_parameters()}). To move an average to "
+        "a new copy of the model, build a new one and load this one's state_dict()."
+    )
 
 
 def _tensor_list(value: Any, who: str, what: str) -> list[Any]:

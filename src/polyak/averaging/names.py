@@ -62,13 +62,14 @@ def module_tensors(
             yield canonical_name(name), buf, buffers == "average" and buf.is_floating_point()
 
 
-def tensor_owners(module: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """``{id(tensor): [(submodule, attribute), ...]}`` for every parameter and buffer of
-    ``module``: where each one is held (a tied weight is held in several places)."""
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for sub in module.modules():
+def tensor_owners(module: nn.Module) -> dict[int, list[tuple[str, str]]]:
+    """``{id(tensor): [(submodule path, attribute), ...]}`` for every parameter and buffer of
+    ``module``: where each one is held (a tied weight is held in several places). The path
+    is the one ``module.get_submodule`` takes (``""`` for ``module`` itself)."""
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
         for attr, param in sub.named_parameters(recurse=False, remove_duplicate=False):
-            owners.setdefault(id(param), []).append((sub, attr))
+            owners.setdefault(id(param), []).append((path, attr))
         for attr, buf in sub.named_buffers(recurse=False, remove_duplicate=False):
-            owners.setdefault(id(buf), []).append((sub, attr))
+            owners.setdefault(id(buf), []).append((path, attr))
     return owners

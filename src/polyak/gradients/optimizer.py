@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -253,6 +254,12 @@ class Optimizer:
                     f"{len(group['params'])} here; it was saved from another model"
                 )
             by_id.update(zip(ids, group["params"]))
+            for key, value in saved.items():
+                if key != "params" and not _finite_hyper(value):
+                    raise ValueError(
+                        f"{who}: param group {gi} has {key}={value} in the state; a "
+                        "hyper-parameter must be finite"
+                    )
         shaped = _per_parameter_state(self.inner)
         for key, entry in inner["state"].items():
             param = by_id.get(key)
@@ -482,3 +489,13 @@ def _per_parameter_state(inner: torch.optim.Optimizer) -> bool:
     state is one flat history. Other optimizers' state is not checked."""
     kind = type(inner)
     return kind.__module__.startswith("torch.optim") and not issubclass(kind, torch.optim.LBFGS)
+
+
+def _finite_hyper(value: Any) -> bool:
+    """False for a NaN or infinite float hyper-parameter (also inside a tuple such as Adam's
+    betas, or a one-element tensor: read once, at load time)."""
+    if isinstance(value, (tuple, list)):
+        return all(map(_finite_hyper, value))
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = value.item()
+    return not isinstance(value, float) or math.isfinite(value)

@@ -74,6 +74,9 @@ class GradientStep:
         runs: RunCache | None = None,
         known_names: Collection[str] | Callable[[], Collection[str]] | None = None,
     ) -> None:
+        if len(params) != len(grads) or (not callable(names) and len(names) != len(params)):
+            sizes = [len(params), len(grads), "?" if callable(names) else len(names)]
+            raise ValueError(f"GradientStep: params, grads and names must be parallel, got {sizes}")
         self.params = params
         self.grads = grads
         self._names = names
