@@ -44,23 +44,23 @@ def check_real(
     low: float | None = None,
     high: float | None = None,
     low_open: bool = False,
-    if_infinite: str | None = None,
+    hint: str | None = None,
     allow_infinite: bool = False,
 ) -> float:
     """``value`` as a finite ``float`` in ``[low, high]`` (``(low, high]`` with ``low_open``).
 
     Not accepted: ``bool``, strings, tensors (a device value cannot be checked without a
-    sync), NaN and, unless ``allow_infinite``, +-inf; ``if_infinite`` says what to write
-    instead of an infinity (e.g. "omit the transform for no clipping").
+    sync), NaN and, unless ``allow_infinite``, +-inf; ``hint`` says what to write instead of
+    a non-finite value (e.g. "omit the transform for no clipping").
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{who}: {name} must be a real number, got {value!r}")
     value = float(value)
+    tail = f"; {hint}" if hint else ""
     if math.isnan(value):
-        raise ValueError(f"{who}: {name} must be a number, got nan")
+        raise ValueError(f"{who}: {name} must be a number, got nan{tail}")
     if math.isinf(value) and not allow_infinite:
-        hint = f"; {if_infinite}" if if_infinite else ""
-        raise ValueError(f"{who}: {name} must be finite, got {value}{hint}")
+        raise ValueError(f"{who}: {name} must be finite, got {value}{tail}")
     below = low is not None and (value <= low if low_open else value < low)
     if below or (high is not None and value > high):
         lo = "-inf" if low is None else f"{low:g}"

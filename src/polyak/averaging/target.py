@@ -56,8 +56,12 @@ class TargetNetwork:
             self.ema = ExponentialMovingAverage(0.0, update_every=every, **ema_kwargs)
         else:
             tau = check_real(
-                0.005 if tau is None else tau, "tau", who, low=0.0, high=1.0,
-                if_infinite="tau is the fraction of the way to the online weights, in [0, 1]",
+                0.005 if tau is None else tau,
+                "tau",
+                who,
+                low=0.0,
+                high=1.0,
+                hint="tau is the fraction of the way to the online weights, in [0, 1]",
             )
             self.ema = ExponentialMovingAverage(1.0 - tau, **ema_kwargs)
         self.tau = tau

@@ -234,8 +234,12 @@ def _check_clip(clip_norm: Bound, caller: str) -> Bound:
     if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)):
         raise TypeError(f"{caller}: clip_norm must be a number or tensor, got {clip_norm!r}")
     return check_real(
-        clip_norm, "clip_norm", caller, low=0.0, low_open=True,
-        if_infinite="for no clipping, do not clip (TF's inf clip_norm turns every output NaN)",
+        clip_norm,
+        "clip_norm",
+        caller,
+        low=0.0,
+        low_open=True,
+        hint="for no clipping, do not clip (TF's inf clip_norm turns every output NaN)",
     )
 
 

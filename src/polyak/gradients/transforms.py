@@ -297,8 +297,7 @@ class clip_by_norm(Transform):
 
     def __init__(self, clip_norm: float) -> None:
         self.clip_norm = check_real(
-            clip_norm, "clip_norm", "clip_by_norm", low=0.0, low_open=True,
-            if_infinite=_NO_CLIPPING,
+            clip_norm, "clip_norm", "clip_by_norm", low=0.0, low_open=True, hint=_NO_CLIPPING
         )
 
     def __call__(self, step: GradientStep) -> None:
@@ -325,8 +324,12 @@ class clip_by_global_norm(Transform):
 
     def __init__(self, clip_norm: float) -> None:
         self.clip_norm = check_real(
-            clip_norm, "clip_norm", "clip_by_global_norm", low=0.0, low_open=True,
-            if_infinite=f"{_NO_CLIPPING} (TF's inf clip_norm turns every gradient NaN)",
+            clip_norm,
+            "clip_norm",
+            "clip_by_global_norm",
+            low=0.0,
+            low_open=True,
+            hint=f"{_NO_CLIPPING} (TF's inf clip_norm turns every gradient NaN)",
         )
         self.last_norm: torch.Tensor | None = None
 
@@ -345,7 +348,9 @@ class scale(Transform):
     """``g = s * g`` (a learning-rate-free rescaling; ``s`` may be negative)."""
 
     def __init__(self, s: float) -> None:
-        self.s = check_real(s, "s", "scale", if_infinite="a gradient scaled by inf is inf or NaN")
+        self.s = check_real(
+            s, "s", "scale", hint="use a finite scale (omit the transform to keep the gradients)"
+        )
 
     def __call__(self, step: GradientStep) -> None:
         runs, sparse = step.dense_runs()
@@ -365,8 +370,7 @@ class adaptive_clip(Transform):
 
     def __init__(self, clipping: float = 0.01, eps: float = 1e-3) -> None:
         self.clipping = check_real(
-            clipping, "clipping", "adaptive_clip", low=0.0, low_open=True,
-            if_infinite=_NO_CLIPPING,
+            clipping, "clipping", "adaptive_clip", low=0.0, low_open=True, hint=_NO_CLIPPING
         )
         self.eps = check_real(eps, "eps", "adaptive_clip", low=0.0)
 
@@ -396,9 +400,12 @@ class add_noise(Transform):
 
     def __init__(self, eta: float, gamma: float = 0.55, seed: int = 0) -> None:
         self.eta = check_real(
-            eta, "eta", "add_noise", low=0.0, if_infinite="infinite noise makes every gradient NaN"
+            eta, "eta", "add_noise", low=0.0, hint="use a finite variance (omit the transform "
+            "for no noise)"
         )
-        self.gamma = check_real(gamma, "gamma", "add_noise", low=0.0)
+        self.gamma = check_real(
+            gamma, "gamma", "add_noise", low=0.0, hint="use a finite decay exponent (0: constant)"
+        )
         self.seed = check_int(seed, "seed", "add_noise")
         if not -(2**63) <= self.seed < 2**64:
             raise ValueError(
