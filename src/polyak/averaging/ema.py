@@ -133,9 +133,8 @@ class _Entry:
 
 # Assignments of a parameter, buffer or submodule to any module (``m.weight =
 # nn.Parameter(...)``, ``load_state_dict(assign=True)``, ``m.fc = nn.Linear(...)``), counted
-# by torch's global registration hooks once an
-# average tracks a module. ``update`` compares one int to notice them; only when it changed
-# does it look at its variables' owner modules.
+# by torch's global registration hooks once an average tracks a module. ``update`` compares
+# one int to notice them; only when it changed does it look at its variables' owner modules.
 _assignments = [0]
 _watching: list[bool] = []
 
@@ -246,7 +245,7 @@ class ExponentialMovingAverage:
             self._schedule: Callable[[int], float] | None = decay
             self._decay = float("nan")
         else:
-            if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+            if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
                 raise TypeError(
                     f"{who}: decay must be a float in [0, 1] or a schedule callable(step) -> "
                     f"float, got {type(decay).__name__}"

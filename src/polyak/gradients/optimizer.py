@@ -57,7 +57,7 @@ class Optimizer:
                 f"Optimizer: inner must be a torch.optim.Optimizer (e.g. torch.optim.Adam("
                 f"model.parameters())), got {type(inner).__name__}"
             )
-        if not isinstance(transforms, (Transform, Sequence)) or isinstance(transforms, str):
+        if not isinstance(transforms, (Transform, Iterable)) or isinstance(transforms, str):
             raise TypeError(
                 "Optimizer: transforms must be a polyak transform or a list of them (e.g. "
                 f"[polyak.transforms.clip_by_global_norm(1.0)]), got {type(transforms).__name__}"
