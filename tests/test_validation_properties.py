@@ -322,6 +322,7 @@ CONSTRUCTORS: list[tuple[str, Callable[..., Any], dict[str, Any], dict[str, Any]
             "ys": st.one_of(st.integers(), st.just([1.0]), st.text(min_size=1, max_size=2)),
             "xs": st.one_of(st.integers(), st.just([1.0]), st.text(min_size=1, max_size=2)),
             "grad_ys": st.one_of(
+                st.integers(),
                 st.just([torch.ones(3)]),
                 st.just([torch.ones((), dtype=torch.float64)]),
                 st.just([1.0]),

@@ -815,7 +815,10 @@ class ExponentialMovingAverage:
             return self._entries.get(canonical_name(var))
         if isinstance(var, torch.Tensor):
             return self._by_id.get(id(var))
-        raise TypeError(f"expected a tensor or a name, got {type(var).__name__}")
+        raise TypeError(
+            f"ExponentialMovingAverage: var must be a tracked tensor or its name, got "
+            f"{type(var).__name__}"
+        )
 
     def _pairs(self, target: VarList, caller: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(target tensor, shadow) for every tracked variable, located in ``target``."""

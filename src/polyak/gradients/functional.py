@@ -117,8 +117,13 @@ def _seeds(
         given: list[torch.Tensor | None] = [None] * len(ys)
     elif isinstance(grad_ys, torch.Tensor):
         given = [grad_ys]
-    else:
+    elif isinstance(grad_ys, Iterable) and not isinstance(grad_ys, (str, bytes)):
         given = list(grad_ys)
+    else:
+        raise TypeError(
+            "gradients: grad_ys must be None, a tensor or a list of tensors (or None), got "
+            f"{type(grad_ys).__name__}"
+        )
     if len(given) != len(ys):
         raise ValueError(
             f"gradients: grad_ys has {len(given)} entries but ys has {len(ys)}; pass one per y"

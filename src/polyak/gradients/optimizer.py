@@ -238,8 +238,12 @@ class Optimizer:
         check_mapping(inner["state"], "'inner'['state']", who)
         saved_groups = inner["param_groups"]
         groups = self.inner.param_groups
-        if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(groups):
-            got = len(saved_groups) if isinstance(saved_groups, (list, tuple)) else saved_groups
+        if not isinstance(saved_groups, (list, tuple)):
+            raise TypeError(
+                f"{who}: 'inner'['param_groups'] must be a list, got {type(saved_groups).__name__}"
+            )
+        if len(saved_groups) != len(groups):
+            got = len(saved_groups)
             raise ValueError(
                 f"{who}: the state has {got} param groups, this optimizer {len(groups)}; it "
                 "was saved from another optimizer"
@@ -354,6 +358,11 @@ class Optimizer:
     def _pairs(
         self, grads_and_vars: Iterable[tuple[torch.Tensor | None, torch.Tensor]]
     ) -> GradsAndVars:
+        if not isinstance(grads_and_vars, Iterable):
+            raise TypeError(
+                "apply_gradients: grads_and_vars must be a list of (gradient, variable) pairs, "
+                f"got {type(grads_and_vars).__name__}"
+            )
         pairs = []
         for i, pair in enumerate(grads_and_vars):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
