@@ -692,3 +692,19 @@ def test_a_user_transform_failing_its_own_load_is_put_back(value, later):
         chain.load_state_dict(saved)
     assert [m.value for m in members[:2]] == [1, 1]
     assert members[2].count == 0
+
+
+def test_optimizer_with_a_user_transform_loads_through_it_and_puts_it_back():
+    model, opt = _model_and_optimizer([])
+    own = _OwnLoader()
+    opt = polyak.Optimizer(torch.optim.Adam(model.parameters()), own)
+    saved = opt.state_dict()
+    saved["transforms"] = {"value": 3}
+    opt.load_state_dict(saved)
+    assert own.value == 3
+    saved["transforms"] = {"value": -2}
+    state = _optimizer_state(model, opt)
+    with pytest.raises(ValueError, match="value must be >= 0"):
+        opt.load_state_dict(saved)
+    assert own.value == 3
+    assert_same(_optimizer_state(model, opt), state)

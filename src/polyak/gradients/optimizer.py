@@ -16,7 +16,13 @@ from polyak.gradients._buffers import CopyBuffer, RunCache, flat_copy
 from polyak.gradients.functional import as_tensor_list, gradients
 from polyak.gradients.global_step import GlobalStep
 from polyak.gradients.stepping import InnerStepper
-from polyak.gradients.transforms import GradientStep, Transform, chain
+from polyak.gradients.transforms import (
+    GradientStep,
+    Transform,
+    chain,
+    checked_state,
+    set_states,
+)
 
 __all__ = ["Optimizer"]
 
@@ -214,12 +220,12 @@ class Optimizer:
                 f"{who}: missing keys {missing}, unexpected keys {extra}; expected the output "
                 "of polyak.Optimizer.state_dict(): {'inner', 'transforms'}"
             )
-        checked = self.transform._check_state(state_dict["transforms"])
+        checked = checked_state(self.transform, state_dict["transforms"])
         self._check_inner_state(state_dict["inner"])
         before = self.inner.state_dict()
         self.inner.load_state_dict(state_dict["inner"])
         try:
-            self.transform._set_state(checked)
+            set_states([(self.transform, checked)])
         except BaseException:
             self.inner.load_state_dict(before)
             raise

@@ -190,13 +190,15 @@ class _Unchecked:
         self.state = state
 
 
-def _check_member(t: Transform, state: Any) -> Any:
+def checked_state(t: Transform, state: Any) -> Any:
+    """``t``'s checked form of ``state`` (raises, changing nothing, if it does not fit), for
+    :func:`set_states`."""
     if type(t).load_state_dict is not Transform.load_state_dict:
         return _Unchecked(state)
     return t._check_state(state)
 
 
-def _set_members(members: Sequence[tuple[Transform, Any]]) -> None:
+def set_states(members: Sequence[tuple[Transform, Any]]) -> None:
     """Set checked states; members loading through their own ``load_state_dict`` go first,
     and are put back as they were if one of them raises."""
     touched: list[tuple[Transform, dict[str, Any]]] = []
@@ -255,10 +257,10 @@ class chain(Transform):
                 f"{sorted(map(str, state_dict))}; the chain must have the same transforms as "
                 "when saved"
             )
-        return [(t, _check_member(t, state_dict[str(i)])) for i, t in enumerate(self.transforms)]
+        return [(t, checked_state(t, state_dict[str(i)])) for i, t in enumerate(self.transforms)]
 
     def _set_state(self, checked: Any) -> None:
-        _set_members(checked)
+        set_states(checked)
 
 
 class clip_by_value(Transform):
@@ -767,7 +769,7 @@ class masked(Transform):
         return self.inner.state_dict()
 
     def _check_state(self, state_dict: Mapping[str, Any]) -> Any:
-        return [(self.inner, _check_member(self.inner, state_dict))]
+        return [(self.inner, checked_state(self.inner, state_dict))]
 
     def _set_state(self, checked: Any) -> None:
-        _set_members(checked)
+        set_states(checked)
