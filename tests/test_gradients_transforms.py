@@ -164,13 +164,14 @@ def test_chain_state_dict_round_trip():
 
     a = make()
     grads = [torch.ones(2), torch.ones(3)]
-    _run(a, grads, names=["a", "b"])
-    _run(a, grads, names=["a", "b"])
-    _run(a, grads, names=["a", "b"])  # one micro-step pending
+    params = [torch.zeros(2), torch.zeros(3)]
+    _run(a, grads, params, names=["a", "b"])
+    _run(a, grads, params, names=["a", "b"])
+    _run(a, grads, params, names=["a", "b"])  # one micro-step pending
     b = make()
     b.load_state_dict(copy.deepcopy(a.state_dict()))
-    sa = _run(a, grads, names=["a", "b"])
-    sb = _run(b, grads, names=["a", "b"])
+    sa = _run(a, grads, params, names=["a", "b"])
+    sb = _run(b, grads, params, names=["a", "b"])
     assert sa.apply and sb.apply
     assert all(torch.equal(x, y) for x, y in zip(sa.grads, sb.grads))
     with pytest.raises(ValueError, match="same transforms"):

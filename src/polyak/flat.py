@@ -25,9 +25,21 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["coalesce", "flatten_parameters_", "pack", "runs", "span"]
+__all__ = [
+    "coalesce",
+    "flatten_parameters_",
+    "has_grad_slot",
+    "landed_gradients",
+    "pack",
+    "runs",
+    "span",
+]
 
 _HOOK_ATTR = "_polyak_flat_grad_hook"
+
+# ids of the parameters with a gradient slot whose gradient hook ran since the set was last
+# cleared (see landed_gradients).
+_landed: set[int] = set()
 
 
 def pack(
@@ -79,6 +91,16 @@ def flatten_parameters_(module: nn.Module, *, grads: bool = True) -> nn.Module:
 
     Returns ``module`` for chaining.
     """
+    if not isinstance(module, nn.Module):
+        kind = type(module).__name__
+        hint = (
+            "; to flatten a list of parameters, put them in a module (nn.ParameterList(params))"
+            if isinstance(module, (list, tuple))
+            else ""
+        )
+        raise TypeError(f"flatten_parameters_: module must be an nn.Module, got {kind}{hint}")
+    if not isinstance(grads, bool):
+        raise TypeError(f"flatten_parameters_: grads must be True or False, got {grads!r}")
     params = list(module.parameters())
     trainable = [p for p in params if p.requires_grad]
     with torch.no_grad():
@@ -111,6 +133,7 @@ def _attach_grad_slot(param: nn.Parameter, slot: torch.Tensor) -> None:
         param.grad = slot
 
     def land_in_slot(p: torch.Tensor) -> None:
+        _landed.add(id(p))
         grad = p.grad
         # Autograd allocates a new gradient when .grad was None (zero_grad's default) and
         # accumulates in place otherwise; only the first case needs moving.
@@ -125,6 +148,24 @@ def _attach_grad_slot(param: nn.Parameter, slot: torch.Tensor) -> None:
         p.grad = slot
 
     setattr(param, _HOOK_ATTR, param.register_post_accumulate_grad_hook(land_in_slot))
+
+
+def has_grad_slot(param: torch.Tensor) -> bool:
+    """Whether ``param``'s gradients are moved into a flat slot (:func:`flatten_parameters_`)."""
+    return hasattr(param, _HOOK_ATTR)
+
+
+def landed_gradients() -> set[int]:
+    """The ids of the parameters with a gradient slot that received a gradient since this
+    set was last cleared: the set itself, for its one consumer to clear before a backward
+    pass and read after it.
+
+    A slot zeroed in place before the backward (to be accumulated into) looks the same
+    afterwards whether the loss reached the parameter or not; its hook runs only when a
+    gradient arrived. ``polyak.Optimizer.minimize`` uses this to skip parameters the loss does
+    not depend on, as it does for parameters whose ``.grad`` stays ``None``.
+    """
+    return _landed
 
 
 def coalesce(*tensor_lists: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
+import numbers
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -32,7 +34,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from polyak.averaging.names import BufferPolicy, canonical_name, module_tensors
+from polyak._checks import (
+    check_bool,
+    check_device,
+    check_dtype,
+    check_int,
+    check_mapping,
+)
+from polyak.averaging.names import BufferPolicy, canonical_name, module_tensors, tensor_owners
 from polyak.flat import coalesce, pack
 from polyak.gradients.global_step import GlobalStep
 
@@ -82,7 +91,7 @@ def _num_updates_saturation(decay32: float) -> int | None:
 class _Entry:
     """One tracked tensor: its shadow, where it comes from, and how it is updated."""
 
-    __slots__ = ("average", "biased", "dtype", "local_step", "name", "shadow", "source")
+    __slots__ = ("average", "biased", "dtype", "local_step", "name", "owners", "shadow", "source")
 
     def __init__(
         self,
@@ -99,10 +108,48 @@ class _Entry:
         self.average = average  # False: copied (integer state such as num_batches_tracked)
         self.biased = biased  # TF's `biased` accumulator, for zero-debiased values
         self.local_step = 0  # TF's `local_step`, for zero-debiased values
+        # The module it was tracked or applied from and the (submodule path, attribute)
+        # places that held it there: a place that later holds another tensor was changed.
+        self.owners: tuple[nn.Module, list[tuple[str, str]]] | None = None
 
     @property
     def is_value(self) -> bool:
         return self.source is None
+
+    def replaced_in(self) -> str | None:
+        """The place in its module that no longer holds the variable, if any."""
+        if self.owners is None:
+            return None
+        root, places = self.owners
+        for path, attr in places:
+            try:
+                holder = root.get_submodule(path)
+            except AttributeError:
+                return path  # the submodule itself was removed
+            if getattr(holder, attr, None) is not self.source:
+                return f"{path}.{attr}" if path else attr
+        return None
+
+
+# Assignments of a parameter, buffer or submodule to any module (``m.weight =
+# nn.Parameter(...)``, ``load_state_dict(assign=True)``, ``m.fc = nn.Linear(...)``), counted
+# by torch's global registration hooks once an average tracks a module. ``update`` compares
+# one int to notice them; only when it changed does it look at its variables' owner modules.
+_assignments = [0]
+_watching: list[bool] = []
+
+
+def _count_assignment(module: nn.Module, name: str, tensor: Any) -> None:
+    _assignments[0] += 1
+
+
+def _watch_assignments() -> None:
+    if not _watching:
+        hooks = torch.nn.modules.module
+        hooks.register_module_parameter_registration_hook(_count_assignment)
+        hooks.register_module_buffer_registration_hook(_count_assignment)
+        hooks.register_module_module_registration_hook(_count_assignment)
+        _watching.append(True)
 
 
 _data_ptr = torch.Tensor.data_ptr
@@ -193,52 +240,45 @@ class ExponentialMovingAverage:
         buffers: BufferPolicy = "average",
         exact_tf: bool = False,
     ) -> None:
+        who = "ExponentialMovingAverage"
         if callable(decay):
             self._schedule: Callable[[int], float] | None = decay
             self._decay = float("nan")
         else:
-            if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+            if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
                 raise TypeError(
-                    f"decay must be a float in [0, 1] or a schedule callable(step) -> float, "
-                    f"got {type(decay).__name__}"
+                    f"{who}: decay must be a float in [0, 1] or a schedule callable(step) -> "
+                    f"float, got {type(decay).__name__}"
                 )
             if not 0.0 <= decay <= 1.0:
                 raise ValueError(
-                    f"decay must be in [0, 1], got {decay}; for a target network with update "
-                    "rate tau use decay = 1 - tau"
+                    f"{who}: decay must be in [0, 1], got {decay}; for a target network with "
+                    "update rate tau use decay = 1 - tau"
                 )
             self._schedule = None
             self._decay = float(decay)
-        if not (
-            num_updates is None
-            or isinstance(num_updates, GlobalStep)
-            or (isinstance(num_updates, int) and not isinstance(num_updates, bool))
-            or (isinstance(num_updates, torch.Tensor) and num_updates.dim() == 0)
-        ):
-            raise TypeError(
-                "num_updates must be None, an int, a 0-dim tensor or a polyak.GlobalStep, "
-                f"got {num_updates!r}"
-            )
-        for label, value, low in (
-            ("update_every", update_every, 1),
-            ("update_after", update_after, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{label} must be an int >= {low}, got {value!r}")
-        if shadow_dtype is not None and not shadow_dtype.is_floating_point:
-            raise TypeError(f"shadow_dtype must be a floating dtype, got {shadow_dtype}")
+        num_updates = _check_num_updates(num_updates, who)
+        update_every = check_int(update_every, "update_every", who, low=1)
+        update_after = check_int(update_after, "update_after", who, low=0)
+        if shadow_dtype is not None:
+            shadow_dtype = check_dtype(shadow_dtype, "shadow_dtype", who)
         if buffers not in ("average", "copy", "ignore"):
-            raise ValueError(f"buffers must be 'average', 'copy' or 'ignore', got {buffers!r}")
+            raise ValueError(
+                f"{who}: buffers must be 'average', 'copy' or 'ignore', got {buffers!r}"
+            )
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{who}: name must be a non-empty string, got {name!r}")
         self._num_updates = num_updates
-        self.zero_debias = bool(zero_debias)
+        self.zero_debias = check_bool(zero_debias, "zero_debias", who)
         self.name = name
         self.update_every = update_every
         self.update_after = update_after
-        self.compound_decay = bool(compound_decay)
+        self.compound_decay = check_bool(compound_decay, "compound_decay", who)
         self.shadow_dtype = shadow_dtype
-        self.device = torch.device(device) if device is not None else None
+        self.device = check_device(device, "device", who) if device is not None else None
         self.buffers: BufferPolicy = buffers
-        self.exact_tf = bool(exact_tf)
+        self.exact_tf = check_bool(exact_tf, "exact_tf", who)
+        self._assignments_seen = _assignments[0]
         self._entries: dict[str, _Entry] = {}
         self._by_id: dict[int, _Entry] = {}
         self._plans: dict[tuple[str, ...] | None, _Plan] = {}
@@ -291,13 +331,21 @@ class ExponentialMovingAverage:
         self._prepare(var_list)
 
     def update(self) -> None:
-        """One step for every tracked variable, reading its current value."""
+        """One step for every tracked variable, reading its current value.
+
+        A variable tracked from a module must still be that module's tensor: after
+        ``m.weight = nn.Parameter(...)`` (or ``load_state_dict(assign=True)``) this raises
+        ``ValueError`` naming it, instead of averaging the tensor the model dropped; call
+        ``ema.track(model)`` (or ``apply(model)``) to follow the new one.
+        """
         one_minus = self._next_weight()
         if one_minus is None and self._step >= self.update_after:
             # A call between update_every steps (a hard target's N - 1 calls in N) touches no
             # tensor: count it without checking the plan.
             self._step += 1
             return
+        if self._assignments_seen != _assignments[0]:
+            self._check_owners()
         plan = self._plans.get(None)
         if plan is None or not plan.is_current():
             plan = self._plan(None, [e for e in self._entries.values() if not e.is_value])
@@ -372,12 +420,19 @@ class ExponentialMovingAverage:
                 _copy_spans(targets, backup)
 
     def average_module(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model`` whose tracked parameters and buffers ARE the shadows.
+        """A copy of ``model`` whose tracked parameters and buffers ARE the shadows, in eval
+        mode.
 
         No second copy of the averaged weights is made: the returned module's parameters
         share memory with the shadows (``requires_grad=False``), so every EMA step updates it.
         Untracked tensors are deep-copied. After :meth:`to` or :meth:`load_state_dict` with
         new entries, call this again.
+
+        Its buffers that are shadows (BatchNorm's running statistics) must not be written by
+        the module itself: a forward pass of a submodule holding one while it is in training
+        mode (which would store batch statistics in the average) raises ``RuntimeError``
+        before it runs. The module is returned in eval mode; ``train()`` works for
+        submodules without such buffers (dropout).
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"average_module expects an nn.Module, got {type(model).__name__}")
@@ -395,7 +450,13 @@ class ExponentialMovingAverage:
                 memo[id(tensor)] = nn.Parameter(entry.shadow, requires_grad=False)
             else:
                 memo[id(tensor)] = entry.shadow
-        return copy.deepcopy(model, memo)
+        averaged = copy.deepcopy(model, memo).eval()
+        shadows = {id(e.shadow) for e in self._entries.values()}
+        for prefix, sub in averaged.named_modules():
+            held = frozenset(id(b) for b in sub.buffers(recurse=False) if id(b) in shadows)
+            if held:
+                sub.register_forward_pre_hook(functools.partial(_refuse_training, prefix, held))
+        return averaged
 
     def state_dict(self) -> dict[str, Any]:
         """``{"step", "averages": {name: shadow}, "values": {name: debias state}}``.
@@ -435,11 +496,18 @@ class ExponentialMovingAverage:
                 "state_dict() ({'step', 'averages', 'values'}), got "
                 f"{type(state_dict).__name__} with keys {keys}"
             )
+        who = "ExponentialMovingAverage.load_state_dict"
+        check_bool(strict, "strict", who)
         step = state_dict.get("step", 0)
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"load_state_dict: 'step' must be an int >= 0, got {step!r}")
         averages: Mapping[str, torch.Tensor] = state_dict["averages"]
-        values: Mapping[str, Mapping[str, Any]] = state_dict.get("values", {})
+        values: Mapping[str, Mapping[str, Any]] = check_mapping(
+            state_dict.get("values", {}), "'values'", who
+        )
+        for name in itertools.chain(averages, values):
+            if not isinstance(name, str):
+                raise TypeError(f"{who}: entry names must be strings, got {name!r}")
         missing = sorted(n for n in self._entries if n not in averages)
         unexpected = sorted(n for n in averages if n not in self._entries and n not in values)
         if strict and (missing or unexpected):
@@ -454,9 +522,11 @@ class ExponentialMovingAverage:
         for name, saved in averages.items():
             if not isinstance(saved, torch.Tensor):
                 raise ValueError(f"load_state_dict: average of '{name}' is not a tensor")
+            _check_dense(name, saved)
             entry = self._entries.get(name)
             if entry is None:
                 if name in values:
+                    _check_can_average(name, saved, True)
                     creates.append((name, saved))
                 continue
             if saved.shape != entry.shadow.shape:
@@ -485,7 +555,13 @@ class ExponentialMovingAverage:
                 or not isinstance(local_step, int)
                 or local_step < 0
                 or not (
-                    biased is None or (isinstance(biased, torch.Tensor) and biased.shape == shape)
+                    biased is None
+                    or (
+                        isinstance(biased, torch.Tensor)
+                        and biased.shape == shape
+                        and biased.is_floating_point()
+                        and biased.layout == torch.strided
+                    )
                 )
             ):
                 raise ValueError(
@@ -515,28 +591,36 @@ class ExponentialMovingAverage:
         The shadow tensor objects stay the same; modules from :meth:`average_module` made
         before this call no longer share memory with them.
         """
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"to: dtype must be floating, got {dtype}")
-        if device is not None:
-            self.device = torch.device(device)
-        if dtype is not None:
-            self.shadow_dtype = dtype
+        who = "ExponentialMovingAverage.to"
+        new_device = check_device(device, "device", who) if device is not None else None
+        new_dtype = check_dtype(dtype, "dtype", who) if dtype is not None else None
         entries = list(self._entries.values())
-
         specs = [
             (
                 e.shadow.shape,
-                dtype if (dtype is not None and e.shadow.is_floating_point()) else e.shadow.dtype,
-                e.shadow.device if device is None else self.device,
+                new_dtype if (new_dtype and e.shadow.is_floating_point()) else e.shadow.dtype,
+                e.shadow.device if new_device is None else new_device,
             )
             for e in entries
         ]
+        # Everything is allocated and copied before any shadow is repointed, so a failure
+        # (out of memory) leaves the average as it was.
         with torch.no_grad():
-            for entry, view in zip(entries, pack(specs)):
+            views = pack(specs)
+            for entry, view in zip(entries, views):
                 view.copy_(entry.shadow)
+            biased = [
+                None if e.biased is None else e.biased.to(device=v.device, dtype=v.dtype)
+                for e, v in zip(entries, views)
+            ]
+            for entry, view, b in zip(entries, views, biased):
                 entry.shadow.data = view
                 if entry.biased is not None:
-                    entry.biased.data = entry.biased.to(device=view.device, dtype=view.dtype)
+                    entry.biased.data = b
+        if new_device is not None:
+            self.device = new_device
+        if new_dtype is not None:
+            self.shadow_dtype = new_dtype
         self._plans.clear()
         return self
 
@@ -558,6 +642,7 @@ class ExponentialMovingAverage:
         repoint: list[tuple[_Entry, torch.Tensor]] = []
         listed: list[_Entry | None] = []  # None: created below, in the order of `new`
         seen: set[str] = set()
+        variables: dict[int, str] = {}  # id of each listed variable -> its name here
         for item in items:
             name, tensor, average, is_value = item
             if name in seen:
@@ -566,26 +651,78 @@ class ExponentialMovingAverage:
                     "(after removing wrapper prefixes such as 'module.')"
                 )
             seen.add(name)
+            _check_dense(name, tensor)
             entry = self._entries.get(name)
+            if not is_value:
+                first = variables.setdefault(id(tensor), name)
+                tracked = self._by_id.get(id(tensor))
+                if first != name or (tracked is not None and tracked.name != name):
+                    other = f"listed as '{first}'" if first != name else (
+                        f"tracked as '{tracked.name}'"  # type: ignore[union-attr]
+                    )
+                    raise ValueError(
+                        f"ExponentialMovingAverage: the tensor listed as '{name}' is also "
+                        f"{other}; a variable has one average: pass it once, under one name"
+                    )
             if entry is None:
                 _check_can_average(name, tensor, average)
                 new.append(item)
             else:
                 self._check_same_kind(entry, tensor, is_value)
                 if not is_value and entry.source is not tensor:
+                    _check_may_follow(entry, var_list)
                     repoint.append((entry, tensor))
             listed.append(entry)
-        # Everything is checked: from here on the EMA changes.
+        # Everything is checked: from here on the EMA changes (_track undoes its own work
+        # if an allocation or copy fails).
+        created = iter(self._track(new))
         for entry, tensor in repoint:
             self._by_id.pop(id(entry.source), None)
             entry.source = tensor
             self._by_id[id(tensor)] = entry
         if repoint:
             self._plans.clear()
-        created = iter(self._track(new))
         entries = [e if e is not None else next(created) for e in listed]
+        if isinstance(var_list, nn.Module):
+            self._record_owners(var_list, entries, {id(e) for e, _ in repoint})
         values = [(e, item[1]) for e, item in zip(entries, items) if e.is_value]
         return [e for e in entries if not e.is_value], values
+
+    def _record_owners(
+        self, module: nn.Module, entries: list[_Entry], repointed: set[int]
+    ) -> None:
+        """Remember which attributes of ``module``'s submodules hold the variables of
+        ``entries`` (walking the module only when an entry is new to it or was repointed)."""
+        fresh = [e for e in entries if e.owners is None or id(e) in repointed]
+        if not fresh:
+            return
+        _watch_assignments()
+        owners = tensor_owners(module)
+        for e in fresh:
+            e.owners = (module, owners.get(id(e.source), []))
+        if self._assignments_seen == _assignments[0] or self._find_replaced() is None:
+            self._assignments_seen = _assignments[0]
+
+    def _find_replaced(self) -> tuple[_Entry, str] | None:
+        for e in self._entries.values():
+            where = e.replaced_in()
+            if where is not None:
+                return e, where
+        return None
+
+    def _check_owners(self) -> None:
+        """Raise if a variable tracked from a module is no longer that module's tensor."""
+        found = self._find_replaced()
+        if found is not None:
+            entry, where = found
+            raise ValueError(
+                f"ExponentialMovingAverage: '{entry.name}' is no longer the module's tensor "
+                f"({where} now holds another one, e.g. after m.weight = nn.Parameter(...) or "
+                "load_state_dict(assign=True)), so the average would keep following the "
+                "dropped one. Call ema.track(model) (or ema.apply(model)) to follow the new "
+                "tensor: its shadow is kept."
+            )
+        self._assignments_seen = _assignments[0]
 
     def _resolve(self, var_list: VarList) -> list[tuple[str, torch.Tensor, bool, bool]]:
         """``(name, tensor, average?, is_value?)`` for each entry of ``var_list``."""
@@ -603,7 +740,7 @@ class ExponentialMovingAverage:
                 is_value = tracked is None and not _is_variable(tensor)
                 items.append((canonical_name(str(key)), tensor, True, is_value))
             return items
-        tensors = [var_list] if isinstance(var_list, torch.Tensor) else list(var_list)
+        tensors = _tensor_list(var_list, "ExponentialMovingAverage.apply", "var_list")
         items = []
         fresh_names = self._fresh_names()
         for i, tensor in enumerate(tensors):
@@ -664,11 +801,12 @@ class ExponentialMovingAverage:
                 else:
                     shadow.copy_(tensor.detach())
                     source = tensor
-                entry = _Entry(name, source, shadow, average, biased)
-                if source is not None:
-                    self._by_id[id(source)] = entry
-                self._entries[name] = entry
-                entries.append(entry)
+                entries.append(_Entry(name, source, shadow, average, biased))
+        # Only now, with every shadow made, do the entries join the average.
+        for entry in entries:
+            if entry.source is not None:
+                self._by_id[id(entry.source)] = entry
+            self._entries[entry.name] = entry
         self._plans.clear()
         return entries
 
@@ -677,7 +815,10 @@ class ExponentialMovingAverage:
             return self._entries.get(canonical_name(var))
         if isinstance(var, torch.Tensor):
             return self._by_id.get(id(var))
-        raise TypeError(f"expected a tensor or a name, got {type(var).__name__}")
+        raise TypeError(
+            f"ExponentialMovingAverage: var must be a tracked tensor or its name, got "
+            f"{type(var).__name__}"
+        )
 
     def _pairs(self, target: VarList, caller: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(target tensor, shadow) for every tracked variable, located in ``target``."""
@@ -695,11 +836,16 @@ class ExponentialMovingAverage:
                     f"variable(s): {missing[:10]}{' ...' if len(missing) > 10 else ''}"
                 )
             pairs = [(named[e.name], e.shadow) for e in variables]
+            for name, t in named.items():
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{caller}: '{name}' is a {type(t).__name__}, not a tensor")
         else:
-            tensors = [target] if isinstance(target, torch.Tensor) else list(target)
+            tensors = _tensor_list(target, caller, "the target")
             pairs = []
             for i, tensor in enumerate(tensors):
                 entry = self._by_id.get(id(tensor))
+                if not isinstance(tensor, torch.Tensor):
+                    raise TypeError(f"{caller}: entry {i} is a {type(tensor).__name__}")
                 if entry is None:
                     raise ValueError(
                         f"{caller}: tensor {i} (shape {tuple(tensor.shape)}) is not tracked; "
@@ -717,7 +863,13 @@ class ExponentialMovingAverage:
     def _decay_at(self, t: int) -> float | torch.Tensor:
         """The decay of averaging step ``t``: schedule, TF's num_updates rule, compounding."""
         if self._schedule is not None:
-            decay = float(self._schedule(t))
+            given = self._schedule(t)
+            if isinstance(given, bool) or not isinstance(given, (numbers.Real, torch.Tensor)):
+                raise TypeError(
+                    f"decay schedule {self._schedule!r} gave {given!r} at step {t}; a schedule "
+                    "returns a float in [0, 1]"
+                )
+            decay = float(given)
             if not 0.0 <= decay <= 1.0:
                 raise ValueError(
                     f"decay schedule {self._schedule!r} gave {decay} at step {t}; a decay must "
@@ -840,6 +992,18 @@ class ExponentialMovingAverage:
             _average_value(entry, value, one_minus)
 
 
+def _refuse_training(name: str, shadows: frozenset[int], module: nn.Module, args: Any) -> None:
+    """Forward pre-hook of an averaged submodule holding the shadows ``shadows`` (ids) as
+    buffers (a deep copy of the module holds copies: it may train)."""
+    if module.training and any(id(b) in shadows for b in module.buffers(recurse=False)):
+        raise RuntimeError(
+            f"average_module: '{name or type(module).__name__}' of the averaged module is in "
+            "training mode, and its forward pass would write batch statistics into the "
+            "average's shadows of its buffers. Call .eval() on the averaged module (it is "
+            "returned in eval mode); to train a copy, copy.deepcopy(model) instead."
+        )
+
+
 def _average_value(entry: _Entry, value: torch.Tensor, one_minus: float | torch.Tensor) -> None:
     """TF's ``assign_moving_average`` on a value, with its exact arithmetic.
 
@@ -882,6 +1046,65 @@ def _copy_each(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None
 def _is_variable(t: torch.Tensor) -> bool:
     """TF's Variable, in PyTorch: a Parameter, or a leaf tensor that requires grad."""
     return isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad)
+
+
+def _check_may_follow(entry: _Entry, var_list: VarList) -> None:
+    """An entry tracked from a module follows another tensor of the same name only if that
+    module dropped its own (a replaced parameter): two modules with the same names (twin
+    critics) would otherwise take turns moving one average."""
+    if entry.owners is None or entry.owners[0] is var_list or entry.replaced_in() is not None:
+        return
+    raise ValueError(
+        f"ExponentialMovingAverage: '{entry.name}' is tracked from another module, which still "
+        "holds its own tensor of that name. Names are relative to the module passed, so two "
+        "modules with the same names cannot share one average: use one "
+        "ExponentialMovingAverage per module, or name them apart "
+        "({f'critic2.{n}': p for n, p in critic2.named_parameters()}). To move an average to "
+        "a new copy of the model, build a new one and load this one's state_dict()."
+    )
+
+
+def _tensor_list(value: Any, who: str, what: str) -> list[Any]:
+    """A single tensor or an iterable of entries, as a list (entries are checked later)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"{who}: {what} must be a module, a {{name: tensor}} mapping or a list of tensors, "
+            f"got {type(value).__name__}"
+        )
+    return list(value)
+
+
+def _check_num_updates(n: NumUpdates, who: str) -> NumUpdates:
+    """``num_updates`` as given, after checking it is a counter that cannot make the decay
+    leave [0, 1] (TF's rule gives ``(1 + n) / (10 + n) < 0`` for ``-10 < n < -1``)."""
+    if n is None or isinstance(n, GlobalStep):
+        return n
+    if isinstance(n, torch.Tensor):
+        if n.dim() != 0 or n.dtype == torch.bool or n.is_complex():
+            raise TypeError(
+                f"{who}: num_updates must be a 0-dim real tensor, got shape {tuple(n.shape)} "
+                f"{n.dtype}"
+            )
+        # Read once here (a sync if it lives on an accelerator); never per step.
+        if not bool(n.detach() >= 0):
+            raise ValueError(f"{who}: num_updates must be >= 0, got {n.item()}")
+        return n
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(
+            f"{who}: num_updates must be None, an int, a 0-dim tensor or a polyak.GlobalStep, "
+            f"got {n!r}"
+        )
+    return check_int(n, "num_updates", who, low=0)
+
+
+def _check_dense(name: str, tensor: torch.Tensor) -> None:
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"ExponentialMovingAverage: '{name}' is a {tensor.layout} tensor; only dense "
+            "(strided) tensors can be averaged: pass t.to_dense(), or leave it out"
+        )
 
 
 def _check_can_average(name: str, tensor: torch.Tensor, average: bool) -> None:

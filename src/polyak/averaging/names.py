@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["BufferPolicy", "canonical_name", "module_tensors"]
+__all__ = ["BufferPolicy", "canonical_name", "module_tensors", "tensor_owners"]
 
 BufferPolicy = Literal["average", "copy", "ignore"]
 
@@ -60,3 +60,16 @@ def module_tensors(
             seen.add(id(buf))
             name = f"{prefix}.{local}" if prefix else local
             yield canonical_name(name), buf, buffers == "average" and buf.is_floating_point()
+
+
+def tensor_owners(module: nn.Module) -> dict[int, list[tuple[str, str]]]:
+    """``{id(tensor): [(submodule path, attribute), ...]}`` for every parameter and buffer of
+    ``module``: where each one is held (a tied weight is held in several places). The path
+    is the one ``module.get_submodule`` takes (``""`` for ``module`` itself)."""
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        for attr, param in sub.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append((path, attr))
+        for attr, buf in sub.named_buffers(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(buf), []).append((path, attr))
+    return owners

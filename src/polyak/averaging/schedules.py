@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from polyak._checks import check_int, check_real
+
 __all__ = [
     "Schedule",
     "constant",
@@ -32,18 +34,15 @@ __all__ = [
 Schedule = Callable[[int], float]
 
 
-def _check_unit(name: str, value: float) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return value
+def _check_unit(who: str, name: str, value: float) -> float:
+    return check_real(value, name, who, low=0.0, high=1.0)
 
 
 class constant:
     """``decay(t) = d``."""
 
     def __init__(self, decay: float) -> None:
-        self.decay = _check_unit("constant: decay", decay)
+        self.decay = _check_unit("constant", "decay", decay)
 
     def __call__(self, step: int) -> float:
         return self.decay
@@ -61,7 +60,7 @@ class num_updates:
     """
 
     def __init__(self, decay: float) -> None:
-        self.decay = _check_unit("num_updates: decay", decay)
+        self.decay = _check_unit("num_updates", "decay", decay)
 
     def __call__(self, step: int) -> float:
         return min(self.decay, (1.0 + step) / (10.0 + step))
@@ -80,16 +79,12 @@ class warmup:
     def __init__(
         self, decay: float, inv_gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0
     ) -> None:
-        self.decay = _check_unit("warmup: decay", decay)
-        self.min_decay = _check_unit("warmup: min_decay", min_decay)
-        if inv_gamma <= 0 or power <= 0:
-            raise ValueError(
-                f"warmup: inv_gamma and power must be > 0, got {inv_gamma} and {power}"
-            )
+        self.decay = _check_unit("warmup", "decay", decay)
+        self.min_decay = _check_unit("warmup", "min_decay", min_decay)
+        self.inv_gamma = check_real(inv_gamma, "inv_gamma", "warmup", low=0.0, low_open=True)
+        self.power = check_real(power, "power", "warmup", low=0.0, low_open=True)
         if self.min_decay > self.decay:
             raise ValueError(f"warmup: min_decay {min_decay} is above decay {decay}")
-        self.inv_gamma = float(inv_gamma)
-        self.power = float(power)
 
     def __call__(self, step: int) -> float:
         if step <= 0:
@@ -112,9 +107,7 @@ class power_function:
     """
 
     def __init__(self, gamma: float) -> None:
-        if gamma <= 0:
-            raise ValueError(f"power_function: gamma must be > 0, got {gamma}")
-        self.gamma = float(gamma)
+        self.gamma = check_real(gamma, "gamma", type(self).__name__, low=0.0, low_open=True)
 
     def __call__(self, step: int) -> float:
         return (1.0 - 1.0 / (step + 1)) ** (self.gamma + 1.0)
@@ -131,11 +124,12 @@ class karras(power_function):
     """
 
     def __init__(self, sigma_rel: float) -> None:
+        sigma_rel = check_real(sigma_rel, "sigma_rel", "karras")
         if not 0.0 < sigma_rel < 12**-0.5:
             raise ValueError(
                 f"karras: sigma_rel must be in (0, {12**-0.5:.4f}) for gamma > 0, got {sigma_rel}"
             )
-        self.sigma_rel = float(sigma_rel)
+        self.sigma_rel = sigma_rel
         super().__init__(_sigma_rel_to_gamma(self.sigma_rel))
 
     def __repr__(self) -> str:
@@ -169,11 +163,9 @@ class cosine:
     """
 
     def __init__(self, base: float, final: float, total_steps: int) -> None:
-        self.base = _check_unit("cosine: base", base)
-        self.final = _check_unit("cosine: final", final)
-        if total_steps <= 0:
-            raise ValueError(f"cosine: total_steps must be > 0, got {total_steps}")
-        self.total_steps = int(total_steps)
+        self.base = _check_unit("cosine", "base", base)
+        self.final = _check_unit("cosine", "final", final)
+        self.total_steps = check_int(total_steps, "total_steps", "cosine", low=1)
 
     def __call__(self, step: int) -> float:
         progress = min(step, self.total_steps) / self.total_steps

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyak._checks import check_int, check_real
 from polyak.averaging.ema import ExponentialMovingAverage, IncompatibleKeys
 
 __all__ = ["TargetNetwork"]
@@ -36,18 +37,32 @@ class TargetNetwork:
         every: int | None = None,
         **ema_kwargs: Any,
     ) -> None:
+        who = "TargetNetwork"
+        if not isinstance(online, nn.Module):
+            raise TypeError(
+                f"{who}: online must be the online network (an nn.Module), got "
+                f"{type(online).__name__}"
+            )
         if tau is not None and every is not None:
-            raise ValueError(
-                "TargetNetwork: give tau (soft updates) or every (hard updates), not both"
+            raise ValueError(f"{who}: give tau (soft updates) or every (hard updates), not both")
+        taken = sorted({"decay", "update_every"} & set(ema_kwargs))
+        if taken:
+            raise TypeError(
+                f"{who}: {taken} are set by tau (decay = 1 - tau) or every (update_every = "
+                "every); pass those instead"
             )
         if every is not None:
-            if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-                raise ValueError(f"TargetNetwork: every must be an int >= 1, got {every!r}")
+            every = check_int(every, "every", who, low=1)
             self.ema = ExponentialMovingAverage(0.0, update_every=every, **ema_kwargs)
         else:
-            tau = 0.005 if tau is None else tau
-            if not 0.0 <= tau <= 1.0:
-                raise ValueError(f"TargetNetwork: tau must be in [0, 1], got {tau}")
+            tau = check_real(
+                0.005 if tau is None else tau,
+                "tau",
+                who,
+                low=0.0,
+                high=1.0,
+                hint="tau is the fraction of the way to the online weights, in [0, 1]",
+            )
             self.ema = ExponentialMovingAverage(1.0 - tau, **ema_kwargs)
         self.tau = tau
         self.every = every

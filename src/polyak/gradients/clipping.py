@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from polyak._checks import check_real
 from polyak.flat import coalesce
 
 __all__ = ["clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm"]
@@ -35,7 +36,8 @@ def clip_by_value(t: torch.Tensor, clip_value_min: Bound, clip_value_max: Bound)
     ``IndexedSlices``).
     """
     _check_tensor(t, "clip_by_value", "t")
-    lo, hi = clip_value_min, clip_value_max
+    lo = _check_bound(clip_value_min, "clip_value_min", "clip_by_value")
+    hi = _check_bound(clip_value_max, "clip_value_max", "clip_by_value")
     return map_values(t, lambda v: torch.clamp_min(torch.clamp_max(v, hi), lo))
 
 
@@ -50,8 +52,8 @@ def clip_by_norm(
     taken before the division. A sparse ``t`` is coalesced and clipped by the norm of its values.
     """
     _check_tensor(t, "clip_by_norm", "t")
-    _check_clip(clip_norm, "clip_by_norm")
-    dims = None if axes is None else ((axes,) if isinstance(axes, int) else tuple(axes))
+    clip_norm = _check_clip(clip_norm, "clip_by_norm")
+    dims = _check_axes(axes, t)
 
     def clip(v: torch.Tensor) -> torch.Tensor:
         l2sum = (v * v).sum(dim=dims, keepdim=True)
@@ -70,6 +72,11 @@ def global_norm(t_list: Sequence[torch.Tensor | None]) -> torch.Tensor:
     The result is a 0-dim tensor on the first tensor's device, in the promoted dtype of the
     inputs. One ``_foreach_norm`` kernel per contiguous run of memory; no host sync.
     """
+    if isinstance(t_list, torch.Tensor) or not isinstance(t_list, Sequence):
+        raise TypeError(
+            "global_norm: t_list must be a sequence of tensors (wrap a single tensor in a "
+            f"list), got {type(t_list).__name__}"
+        )
     tensors = _tensor_list(t_list, "global_norm")
     if not tensors:
         raise ValueError("global_norm: t_list holds no tensor (all entries are None)")
@@ -94,14 +101,21 @@ def clip_by_global_norm(
             "clip_by_global_norm: t_list must be a sequence of tensors (wrap a single tensor "
             f"in a list), got {type(t_list).__name__}"
         )
-    _check_clip(clip_norm, "clip_by_global_norm")
+    clip_norm = _check_clip(clip_norm, "clip_by_global_norm")
     tensors = _tensor_list(t_list, "clip_by_global_norm")
     if use_norm is None:
         if not tensors:
             raise ValueError("clip_by_global_norm: t_list holds no tensor (all entries are None)")
         norm = norms_squared_sum(tensors).sqrt()
+    elif isinstance(use_norm, torch.Tensor):
+        norm = use_norm
     else:
-        norm = use_norm if isinstance(use_norm, torch.Tensor) else torch.tensor(float(use_norm))
+        # A norm given as a number: >= 0; inf is kept (TF: every output NaN, as for a
+        # computed infinite norm).
+        use_norm = check_real(
+            use_norm, "use_norm", "clip_by_global_norm", low=0.0, allow_infinite=True
+        )
+        norm = torch.tensor(use_norm)
     scale = global_scale(norm, clip_norm)
     dense = [t for t in tensors if not t.is_sparse]
     scaled = iter(torch._foreach_mul(dense, _cast(scale, dense[0].dtype)) if dense else [])
@@ -212,10 +226,46 @@ def _check_tensor(t: object, caller: str, name: str) -> None:
         raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def _check_clip(clip_norm: Bound, caller: str) -> None:
+def _check_clip(clip_norm: Bound, caller: str) -> Bound:
+    """A number ``clip_norm`` must be finite and > 0: TF's formulas give NaN for an infinite
+    one, and for a zero one wherever the norm is zero. A tensor is not checked (a sync)."""
     if isinstance(clip_norm, torch.Tensor):
-        return  # a device value: checking it would sync
+        return clip_norm
     if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)):
         raise TypeError(f"{caller}: clip_norm must be a number or tensor, got {clip_norm!r}")
-    if not clip_norm >= 0:
-        raise ValueError(f"{caller}: clip_norm must be >= 0, got {clip_norm!r}")
+    return check_real(
+        clip_norm,
+        "clip_norm",
+        caller,
+        low=0.0,
+        low_open=True,
+        hint="for no clipping, do not clip (TF's inf clip_norm turns every output NaN)",
+    )
+
+
+def _check_bound(bound: Bound, name: str, caller: str) -> Bound:
+    """A clip bound: a tensor (not checked: a sync) or a number that is not NaN (an
+    infinite bound clips one side only)."""
+    if isinstance(bound, torch.Tensor):
+        return bound
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+        raise TypeError(f"{caller}: {name} must be a number or tensor, got {bound!r}")
+    return check_real(bound, name, caller, allow_infinite=True)
+
+
+def _check_axes(axes: int | Sequence[int] | None, t: torch.Tensor) -> tuple[int, ...] | None:
+    if axes is None:
+        return None
+    dims = (axes,) if isinstance(axes, int) else axes
+    if isinstance(dims, str) or not isinstance(dims, Sequence) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in dims
+    ):
+        raise TypeError(f"clip_by_norm: axes must be an int or a list of ints, got {axes!r}")
+    ndim = max(t.ndim, 1)
+    normal = [d % ndim for d in dims if -ndim <= d < ndim]
+    if len(normal) != len(dims) or len(set(normal)) != len(normal):
+        raise ValueError(
+            f"clip_by_norm: axes {axes!r} must be distinct dims of a {t.ndim}-dim tensor "
+            f"(in [{-ndim}, {ndim - 1}])"
+        )
+    return tuple(dims)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -20,7 +20,7 @@ def stop_gradient(t: torch.Tensor) -> torch.Tensor:
     the classic use: ``y = stop_gradient(r + gamma * q_target.max(-1).values)``.
     """
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"stop_gradient: expected a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"stop_gradient: t must be a torch.Tensor, got {type(t).__name__}")
     return t.detach()
 
 
@@ -28,6 +28,10 @@ def as_tensor_list(value: TensorOrList | None, what: str, caller: str) -> list[t
     """``value`` as a list of tensors (a single tensor becomes a one-entry list)."""
     if value is None:
         return []
+    if not isinstance(value, (torch.Tensor, Iterable)) or isinstance(value, (str, bytes)):
+        raise TypeError(
+            f"{caller}: {what} must be a tensor or a list of tensors, got {type(value).__name__}"
+        )
     items = [value] if isinstance(value, torch.Tensor) else list(value)
     for i, t in enumerate(items):
         if not isinstance(t, torch.Tensor):
@@ -69,6 +73,9 @@ def gradients(
             f"gradients: unconnected_gradients must be 'none' or 'zero', "
             f"got {unconnected_gradients!r}"
         )
+    for flag, value in (("retain_graph", retain_graph), ("create_graph", create_graph)):
+        if not isinstance(value, bool):
+            raise TypeError(f"gradients: {flag} must be True or False, got {value!r}")
     y_list = as_tensor_list(ys, "ys", "gradients")
     x_list = as_tensor_list(xs, "xs", "gradients")
     seeds = _seeds(y_list, grad_ys)
@@ -110,8 +117,13 @@ def _seeds(
         given: list[torch.Tensor | None] = [None] * len(ys)
     elif isinstance(grad_ys, torch.Tensor):
         given = [grad_ys]
-    else:
+    elif isinstance(grad_ys, Iterable) and not isinstance(grad_ys, (str, bytes)):
         given = list(grad_ys)
+    else:
+        raise TypeError(
+            "gradients: grad_ys must be None, a tensor or a list of tensors (or None), got "
+            f"{type(grad_ys).__name__}"
+        )
     if len(given) != len(ys):
         raise ValueError(
             f"gradients: grad_ys has {len(given)} entries but ys has {len(ys)}; pass one per y"
@@ -128,10 +140,10 @@ def _seeds(
                 f"gradients: grad_ys[{j}] has shape {tuple(g.shape)} but ys[{j}] has shape "
                 f"{tuple(y.shape)}; they must match"
             )
-        if g.dtype != y.dtype:
+        if g.dtype != y.dtype or g.device != y.device:
             raise ValueError(
-                f"gradients: grad_ys[{j}] has dtype {g.dtype} but ys[{j}] has {y.dtype}; "
-                "cast it with .to(y.dtype)"
+                f"gradients: grad_ys[{j}] is {g.dtype} on {g.device} but ys[{j}] is {y.dtype} "
+                f"on {y.device}; pass grad_ys[{j}].to(ys[{j}])"
             )
         seeds.append(g)
     return seeds

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+from polyak._checks import check_int, check_mapping
 
 __all__ = ["GlobalStep"]
 
@@ -22,13 +25,12 @@ class GlobalStep:
     __slots__ = ("value",)
 
     def __init__(self, value: int = 0) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"GlobalStep: value must be a non-negative int, got {value!r}")
-        self.value = value
+        self.value = check_int(value, "value", "GlobalStep", low=0)
 
     def increment(self, by: int = 1) -> int:
-        """Add ``by`` and return the new value (``tf.compat.v1.assign_add(global_step, by)``)."""
-        self.value += by
+        """Add ``by`` (an int >= 0: the counter never goes back) and return the new value
+        (``tf.compat.v1.assign_add(global_step, by)``)."""
+        self.value += check_int(by, "by", "GlobalStep.increment", low=0)
         return self.value
 
     def __int__(self) -> int:
@@ -43,11 +45,10 @@ class GlobalStep:
     def state_dict(self) -> dict[str, Any]:
         return {"value": self.value}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        value = state_dict.get("value")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(
-                "GlobalStep.load_state_dict: expected {'value': non-negative int}, "
-                f"got {state_dict!r}"
-            )
-        self.value = value
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        who = "GlobalStep.load_state_dict"
+        check_mapping(state_dict, "state_dict", who)
+        if set(state_dict) != {"value"}:
+            keys = sorted(map(str, state_dict))
+            raise ValueError(f"{who}: expected {{'value': int >= 0}}, got keys {keys}")
+        self.value = check_int(state_dict["value"], "'value'", who, low=0)

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from polyak._checks import check_mapping
+from polyak.flat import has_grad_slot, landed_gradients
 from polyak.gradients._buffers import CopyBuffer, RunCache, flat_copy
 from polyak.gradients.functional import as_tensor_list, gradients
 from polyak.gradients.global_step import GlobalStep
 from polyak.gradients.stepping import InnerStepper
-from polyak.gradients.transforms import GradientStep, Transform, chain
+from polyak.gradients.transforms import (
+    GradientStep,
+    Transform,
+    chain,
+    checked_state,
+    set_states,
+)
 
 __all__ = ["Optimizer"]
 
@@ -54,11 +63,14 @@ class Optimizer:
                 f"Optimizer: inner must be a torch.optim.Optimizer (e.g. torch.optim.Adam("
                 f"model.parameters())), got {type(inner).__name__}"
             )
+        if not isinstance(transforms, (Transform, Iterable)) or isinstance(transforms, str):
+            raise TypeError(
+                "Optimizer: transforms must be a polyak transform or a list of them (e.g. "
+                f"[polyak.transforms.clip_by_global_norm(1.0)]), got {type(transforms).__name__}"
+            )
         self.inner = inner
         self.transform = transforms if isinstance(transforms, Transform) else chain(*transforms)
-        self._given_names = dict(
-            names.named_parameters() if isinstance(names, nn.Module) else (names or {})
-        )
+        self._given_names = _check_names(names)
         self._stepper = InnerStepper(inner)
         self._names: dict[int, str] = {}
         # Per-step layouts, keyed on data pointers: .grad before the backward (what to zero
@@ -98,6 +110,7 @@ class Optimizer:
         any shape). ``.grad`` is not read or written; the autograd graph is freed.
         """
         params = self._var_list(var_list, "compute_gradients")
+        _check_loss(loss, grad_loss, "compute_gradients")
         grads = gradients(loss, params, grad_ys=None if grad_loss is None else [grad_loss])
         return list(zip(grads, params))
 
@@ -114,15 +127,12 @@ class Optimizer:
         as before afterwards. When a transform defers the step (``accumulate``) neither the
         optimizer nor ``global_step`` moves.
         """
+        _check_global_step(global_step)
         pairs = self._pairs(grads_and_vars)
         params = [v for g, v in pairs if g is not None]
         grads = [g for g, _ in pairs if g is not None]
         if not params:
-            raise ValueError(
-                "No gradients provided for any variable: "
-                f"{[self._name(v) for _, v in pairs]}. Check that the loss depends on them "
-                "and that they require grad."
-            )
+            self._no_gradients([v for _, v in pairs])
         runs = None
         if self._has_transforms():
             grads, runs = flat_copy(grads, self._copies)  # never edit the caller's tensors
@@ -138,24 +148,45 @@ class Optimizer:
         """``apply_gradients(compute_gradients(loss, var_list, grad_loss), global_step)``, on
         the fast path: ``loss.backward(inputs=var_list)`` writes the gradients into ``.grad``
         (previous ``.grad`` values of ``var_list`` are discarded first; other tensors'
-        ``.grad`` are untouched) and the transforms edit them there.
+        ``.grad`` are untouched) and the transforms edit them there. A variable the loss does
+        not reach is skipped, as in ``apply_gradients``, also when its gradient lives in a
+        flat slot (:func:`polyak.flatten_parameters_`; its ``.grad`` is then ``None``).
+
+        Arguments are checked before any ``.grad`` is touched. If the backward pass itself
+        fails (a freed graph), ``.grad`` tensors that were dropped are put back; flat slots,
+        zeroed in place, stay zero.
         """
         params = wanted = self._var_list(var_list, "minimize")
-        self._clear_grads(params)
+        _check_global_step(global_step)
+        _check_loss(loss, grad_loss, "minimize")
+        if not loss.requires_grad:
+            self._no_gradients(wanted)
         if grad_loss is None and loss.numel() != 1:
             grad_loss = torch.ones_like(loss)
-        if loss.requires_grad:
+        dropped, zeroed = self._clear_grads(params)
+        landed = landed_gradients()
+        if zeroed:
+            landed.clear()
+        try:
             loss.backward(gradient=grad_loss, inputs=params)
+        except BaseException:
+            for p, g in dropped:
+                p.grad = g
+            if zeroed:
+                torch._foreach_zero_([p.grad for p in zeroed])  # partial sums: zero again
+            raise
+        if zeroed and not all(map(landed.__contains__, map(id, zeroed))):
+            for p in zeroed:
+                if id(p) not in landed and has_grad_slot(p):
+                    p.grad = None  # the loss did not reach it: its slot holds the zeros
         grads = [p.grad for p in params]
         if any(g is None for g in grads):
             params = [p for p, g in zip(params, grads) if g is not None]
             grads = [g for g in grads if g is not None]
         if not params:
-            raise ValueError(
-                "No gradients provided for any variable: "
-                f"{[self._name(v) for v in wanted]}. Check that the loss depends on them "
-                "and that they require grad."
-            )
+            for p, g in dropped:
+                p.grad = g
+            self._no_gradients(wanted)
         self._apply(params, grads, global_step, self._grad_cache)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ state
@@ -175,15 +206,91 @@ class Optimizer:
         return {"inner": inner, "transforms": self.transform.state_dict()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        missing = {"inner", "transforms"} - set(state_dict)
-        if missing:
+        """Load what :meth:`state_dict` returned. Everything is checked first (the transforms'
+        state, and that the inner state belongs to these parameters: same groups, same
+        number of parameters, per-parameter state of each parameter's shape for torch's
+        optimizers), so a state dict that does not fit raises ``ValueError``/``TypeError``
+        naming the culprit and changes nothing."""
+        who = "Optimizer.load_state_dict"
+        check_mapping(state_dict, "state_dict", who)
+        if set(state_dict) != {"inner", "transforms"}:
+            missing = sorted({"inner", "transforms"} - set(state_dict))
+            extra = sorted(map(str, set(state_dict) - {"inner", "transforms"}))
             raise ValueError(
-                f"Optimizer.load_state_dict: missing keys {sorted(missing)}; expected the "
-                "output of polyak.Optimizer.state_dict()"
+                f"{who}: missing keys {missing}, unexpected keys {extra}; expected the output "
+                "of polyak.Optimizer.state_dict(): {'inner', 'transforms'}"
             )
+        checked = checked_state(self.transform, state_dict["transforms"])
+        self._check_inner_state(state_dict["inner"])
+        before = self.inner.state_dict()
         self.inner.load_state_dict(state_dict["inner"])
-        self.transform.load_state_dict(state_dict["transforms"])
-        self._stepper.reset()
+        try:
+            set_states([(self.transform, checked)])
+        except BaseException:
+            self.inner.load_state_dict(before)
+            raise
+        finally:
+            self._stepper.reset()
+
+    def _check_inner_state(self, inner: Any) -> None:
+        """Raise unless ``inner`` is a state dict of this inner optimizer's parameters."""
+        who = "Optimizer.load_state_dict"
+        check_mapping(inner, "'inner'", who)
+        if not {"state", "param_groups"} <= set(inner):
+            raise ValueError(
+                f"{who}: 'inner' must be a torch optimizer state dict ({{'state', "
+                f"'param_groups'}}), got keys {sorted(map(str, inner))}"
+            )
+        check_mapping(inner["state"], "'inner'['state']", who)
+        saved_groups = inner["param_groups"]
+        groups = self.inner.param_groups
+        if not isinstance(saved_groups, (list, tuple)):
+            raise TypeError(
+                f"{who}: 'inner'['param_groups'] must be a list, got {type(saved_groups).__name__}"
+            )
+        if len(saved_groups) != len(groups):
+            got = len(saved_groups)
+            raise ValueError(
+                f"{who}: the state has {got} param groups, this optimizer {len(groups)}; it "
+                "was saved from another optimizer"
+            )
+        by_id: dict[Any, torch.Tensor] = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, groups)):
+            ids = saved.get("params") if isinstance(saved, Mapping) else None
+            if not isinstance(ids, (list, tuple)) or len(ids) != len(group["params"]):
+                got = len(ids) if isinstance(ids, (list, tuple)) else ids
+                raise ValueError(
+                    f"{who}: param group {gi} has {got} parameters in the state, "
+                    f"{len(group['params'])} here; it was saved from another model"
+                )
+            by_id.update(zip(ids, group["params"]))
+            for key, value in saved.items():
+                if key != "params" and not _finite_hyper(value):
+                    raise ValueError(
+                        f"{who}: param group {gi} has {key}={value} in the state; a "
+                        "hyper-parameter must be finite"
+                    )
+        shaped = _per_parameter_state(self.inner)
+        for key, entry in inner["state"].items():
+            param = by_id.get(key)
+            if param is None:
+                raise ValueError(
+                    f"{who}: the state has an entry for parameter id {key!r}, which no param "
+                    "group lists"
+                )
+            check_mapping(entry, f"the state of {self._name(param)}", who)
+            for name, value in entry.items():
+                if not isinstance(value, torch.Tensor) or value.ndim == 0 or not shaped:
+                    continue
+                fits = value.ndim == param.ndim and all(
+                    v in (1, p) for v, p in zip(value.shape, param.shape)
+                )
+                if not fits:
+                    raise ValueError(
+                        f"{who}: state '{name}' of parameter {self._name(param)} has shape "
+                        f"{tuple(value.shape)}, the parameter {tuple(param.shape)}; the state "
+                        "was saved from another model"
+                    )
 
     # ------------------------------------------------------------------ internals
 
@@ -194,15 +301,12 @@ class Optimizer:
         global_step: GlobalStep | None,
         runs: RunCache | list[torch.Tensor] | None = None,
     ) -> None:
-        if global_step is not None and not isinstance(global_step, GlobalStep):
-            raise TypeError(
-                f"global_step must be a polyak.GlobalStep, got {type(global_step).__name__}"
-            )
         step = GradientStep(
             params,
             grads,
             lambda: [self._name(p) for p in params],
             runs=runs if isinstance(runs, RunCache) else None,
+            known_names=self._known_names,
         )
         if isinstance(runs, list):
             step.seed_runs(runs)
@@ -212,6 +316,16 @@ class Optimizer:
         self._stepper.step(params, step.grads, step.skip)
         if global_step is not None:
             global_step.increment()
+
+    def _no_gradients(self, variables: Sequence[torch.Tensor]) -> None:
+        raise ValueError(
+            "No gradients provided for any variable: "
+            f"{[self._name(v) for v in variables]}. Check that the loss depends on them "
+            "and that they require grad."
+        )
+
+    def _known_names(self) -> set[str]:
+        return {self._name(p) for g in self.inner.param_groups for p in g["params"]}
 
     def _has_transforms(self) -> bool:
         return not (isinstance(self.transform, chain) and not self.transform.transforms)
@@ -223,11 +337,12 @@ class Optimizer:
         if var_list is None:
             params = self._trainable()
         else:
-            params = as_tensor_list(
-                var_list if isinstance(var_list, torch.Tensor) else list(var_list),
-                "var_list",
-                caller,
-            )
+            params = as_tensor_list(var_list, "var_list", caller)
+            twice = self._repeated(params)
+            if twice:
+                raise ValueError(
+                    f"{caller}: var_list lists {twice} more than once; list each variable once"
+                )
             self._check_owned(params, caller)  # the default list is owned by construction
         if not params:
             raise ValueError(f"{caller}: no variables to optimize (var_list is empty)")
@@ -249,6 +364,11 @@ class Optimizer:
     def _pairs(
         self, grads_and_vars: Iterable[tuple[torch.Tensor | None, torch.Tensor]]
     ) -> GradsAndVars:
+        if not isinstance(grads_and_vars, Iterable):
+            raise TypeError(
+                "apply_gradients: grads_and_vars must be a list of (gradient, variable) pairs, "
+                f"got {type(grads_and_vars).__name__}"
+            )
         pairs = []
         for i, pair in enumerate(grads_and_vars):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
@@ -274,8 +394,24 @@ class Optimizer:
             pairs.append((g, v))
         if not pairs:
             raise ValueError("apply_gradients: grads_and_vars is empty")
-        self._check_owned([v for _, v in pairs], "apply_gradients")
+        variables = [v for _, v in pairs]
+        twice = self._repeated(variables)
+        if twice:
+            raise ValueError(
+                f"apply_gradients: {twice} listed more than once; each variable "
+                "takes one optimizer step (TF would apply the pairs one after the other): "
+                "sum its gradients into one pair"
+            )
+        self._check_owned(variables, "apply_gradients")
         return pairs
+
+    def _repeated(self, tensors: Sequence[torch.Tensor]) -> list[str]:
+        """Names of the tensors listed more than once (none: one set of ids, no names)."""
+        if len(set(map(id, tensors))) == len(tensors):
+            return []
+        seen: set[int] = set()
+        twice = {self._name(t) for t in tensors if id(t) in seen or seen.add(id(t))}
+        return sorted(twice)
 
     def _name(self, param: torch.Tensor) -> str:
         name = self._names.get(id(param))
@@ -288,17 +424,21 @@ class Optimizer:
             name = self._names.get(id(param), f"<tensor of shape {tuple(param.shape)}>")
         return name
 
-    def _clear_grads(self, params: Sequence[torch.Tensor]) -> None:
+    def _clear_grads(
+        self, params: Sequence[torch.Tensor]
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
         """Discard ``.grad``: zero it in place where it lies in a flat buffer (the next
         backward accumulates there), drop it elsewhere (the next backward allocates, as
-        zero_grad())."""
+        zero_grad()). Returns the dropped ``(param, grad)`` pairs and the zeroed params."""
         with_grad = [p for p in params if p.grad is not None]
         if not with_grad:
-            return
+            return [], []
         grads = [p.grad for p in with_grad]
+        dropped: list[tuple[torch.Tensor, torch.Tensor]] = []
         if any(g.is_sparse for g in grads):  # type: ignore[union-attr]
             for p in with_grad:
                 if p.grad.is_sparse:  # type: ignore[union-attr]
+                    dropped.append((p, p.grad))  # type: ignore[arg-type]
                     p.grad = None
             with_grad = [p for p in with_grad if p.grad is not None]
             grads = [p.grad for p in with_grad]
@@ -306,4 +446,71 @@ class Optimizer:
         if merged:
             torch._foreach_zero_(merged)
         for i in lone:
-            with_grad[i].grad = None
+            p = with_grad[i]
+            dropped.append((p, p.grad))  # type: ignore[arg-type]
+            p.grad = None
+        if not merged:
+            return dropped, []
+        if not lone:
+            return dropped, with_grad
+        alone = set(lone)
+        return dropped, [p for i, p in enumerate(with_grad) if i not in alone]
+
+
+def _check_global_step(global_step: Any) -> None:
+    if global_step is not None and not isinstance(global_step, GlobalStep):
+        raise TypeError(
+            f"global_step must be a polyak.GlobalStep (or None), got {type(global_step).__name__}"
+        )
+
+
+def _check_loss(loss: Any, grad_loss: Any, caller: str) -> None:
+    """``loss`` a tensor; ``grad_loss`` None or a tensor of its shape, dtype and device."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{caller}: loss must be a torch.Tensor, got {type(loss).__name__}")
+    if grad_loss is None:
+        return
+    if not isinstance(grad_loss, torch.Tensor):
+        raise TypeError(
+            f"{caller}: grad_loss must be a torch.Tensor or None, got {type(grad_loss).__name__}"
+        )
+    given = (grad_loss.shape, grad_loss.dtype, grad_loss.device)
+    if given != (loss.shape, loss.dtype, loss.device):
+        raise ValueError(
+            f"{caller}: grad_loss is {tuple(grad_loss.shape)} {grad_loss.dtype} on "
+            f"{grad_loss.device}, the loss {tuple(loss.shape)} {loss.dtype} on {loss.device}; "
+            "grad_loss is the loss's upstream gradient and must match it"
+        )
+
+
+def _check_names(names: Any) -> dict[str, torch.Tensor]:
+    if names is None:
+        return {}
+    if isinstance(names, nn.Module):
+        return dict(names.named_parameters())
+    if isinstance(names, Mapping) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in names.items()
+    ):
+        return dict(names)
+    raise TypeError(
+        "Optimizer: names must be a module or a {name: parameter} mapping, got "
+        f"{type(names).__name__}"
+    )
+
+
+def _per_parameter_state(inner: torch.optim.Optimizer) -> bool:
+    """Whether every non-scalar state tensor of ``inner`` is shaped like its parameter (or
+    broadcasts to it, as Adafactor's factored moments): torch's optimizers but L-BFGS, whose
+    state is one flat history. Other optimizers' state is not checked."""
+    kind = type(inner)
+    return kind.__module__.startswith("torch.optim") and not issubclass(kind, torch.optim.LBFGS)
+
+
+def _finite_hyper(value: Any) -> bool:
+    """False for a NaN or infinite float hyper-parameter (also inside a tuple such as Adam's
+    betas, or a one-element tensor: read once, at load time)."""
+    if isinstance(value, (tuple, list)):
+        return all(map(_finite_hyper, value))
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = value.item()
+    return not isinstance(value, float) or math.isfinite(value)

@@ -209,11 +209,11 @@ class InnerStepper:
             states = [self.inner.state.get(p, {}) for p in members]
             if not any(states):
                 continue  # fresh: the twin's first step creates it
-            merged = _merge_state(states, members)
+            merged = _merge_state(states, members, run)
             if merged is None:
                 return None
             twin.opt.state[run] = merged
-            self._alias(merged, members)
+            self._alias(merged, run, members)
         return twin
 
     def _step_twin(self, twin: _Twin, grad_runs: list[torch.Tensor]) -> None:
@@ -234,20 +234,25 @@ class InnerStepper:
                 run.grad = None
         for run, members, new in zip(twin.runs, twin.members, fresh):
             if new:
-                self._alias(twin.opt.state[run], members)
+                self._alias(twin.opt.state[run], run, members)
 
-    def _alias(self, flat_state: dict[str, Any], members: list[torch.Tensor]) -> None:
-        """Make ``inner.state[p]`` entries views of ``flat_state`` (0-dim ones: the same tensor)."""
-        total = sum(p.numel() for p in members)
+    def _alias(
+        self, flat_state: dict[str, Any], run: torch.Tensor, members: list[torch.Tensor]
+    ) -> None:
+        """Make ``inner.state[p]`` entries views of ``flat_state``, the state of ``run``:
+        per-element entries (shaped as the run) are cut at the members' offsets, shared ones
+        (Adam's ``step``) are the same tensor."""
+        total = run.numel()
         offset = 0
         for p in members:
             n = p.numel()
-            self.inner.state[p] = {
-                k: v[offset : offset + n].view(p.shape)
-                if isinstance(v, torch.Tensor) and v.ndim == 1 and v.numel() == total
-                else v
-                for k, v in flat_state.items()
-            }
+            entry = {}
+            for k, v in flat_state.items():
+                if _per_element(k, v, run) and n != total:
+                    # A merged run is 1-D and contiguous, and so is its state: a view.
+                    v = v.reshape(-1)[offset : offset + n].view(p.shape)
+                entry[k] = v
+            self.inner.state[p] = entry
             offset += n
 
     def _retire(self, gi: int) -> None:
@@ -321,10 +326,28 @@ def _snapshot(
     return undo, fresh
 
 
+# The twinnable optimizers' state that is one number for a whole tensor (Adam's step count),
+# whatever the tensor's shape; their other tensor state holds one number per element.
+_SHARED_STATE = frozenset({"step"})
+
+
+def _per_element(key: str, value: Any, param: torch.Tensor) -> bool:
+    """Whether optimizer state ``value`` under ``key`` holds one number per element of
+    ``param`` (Adam's moments, SGD's momentum) rather than one for the whole tensor."""
+    return (
+        isinstance(value, torch.Tensor) and key not in _SHARED_STATE and value.shape == param.shape
+    )
+
+
 def _merge_state(
-    states: list[dict[str, Any]], members: list[torch.Tensor]
+    states: list[dict[str, Any]], members: list[torch.Tensor], run: torch.Tensor
 ) -> dict[str, Any] | None:
-    """One flat state from the members' states, or None when they cannot be one."""
+    """The state of ``run`` from its members' states (None when they cannot be one).
+
+    Per-element entries are concatenated in member order and shaped as ``run`` (a merged run
+    is 1-D; a run of one parameter is that parameter, in its own shape), shared entries must
+    agree among the members.
+    """
     keys = states[0].keys()
     if any(s.keys() != keys for s in states):
         return None
@@ -332,13 +355,17 @@ def _merge_state(
     for k in keys:
         values = [s[k] for s in states]
         first = values[0]
-        if isinstance(first, torch.Tensor) and first.ndim > 0:
-            if any(v.shape != p.shape for v, p in zip(values, members)):
+        per_element = [_per_element(k, v, p) for v, p in zip(values, members)]
+        if any(per_element):
+            if not all(per_element) or any(v.dtype != first.dtype for v in values):
                 return None
-            merged[k] = torch.cat([v.reshape(-1) for v in values])
+            merged[k] = torch.cat([v.reshape(-1) for v in values]).view(run.shape)
         elif isinstance(first, torch.Tensor):
             # Shared 0-dim state (Adam's step) must agree; comparing device values syncs.
-            if any(not isinstance(v, torch.Tensor) or not torch.equal(v, first) for v in values):
+            if any(
+                not isinstance(v, torch.Tensor) or v.ndim != 0 or not torch.equal(v, first)
+                for v in values
+            ):
                 return None
             merged[k] = first.clone()
         else:

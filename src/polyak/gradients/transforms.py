@@ -13,13 +13,15 @@ buffer when the parameters were flattened (:func:`polyak.flatten_parameters_`), 
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from polyak._checks import check_device, check_int, check_mapping, check_real
 from polyak.flat import coalesce
 from polyak.gradients._buffers import RunCache, dense_groups, flat_like
 from polyak.gradients.clipping import (
@@ -61,7 +63,7 @@ class GradientStep:
     means it steps and then restores parameters and optimizer state where ``skip`` is true.
     """
 
-    __slots__ = ("_memo", "_names", "_runs", "apply", "grads", "params", "skip")
+    __slots__ = ("_known", "_memo", "_names", "_runs", "apply", "grads", "params", "skip")
 
     def __init__(
         self,
@@ -70,10 +72,15 @@ class GradientStep:
         names: list[str] | Callable[[], list[str]],
         *,
         runs: RunCache | None = None,
+        known_names: Collection[str] | Callable[[], Collection[str]] | None = None,
     ) -> None:
+        if len(params) != len(grads) or (not callable(names) and len(names) != len(params)):
+            sizes = [len(params), len(grads), "?" if callable(names) else len(names)]
+            raise ValueError(f"GradientStep: params, grads and names must be parallel, got {sizes}")
         self.params = params
         self.grads = grads
         self._names = names
+        self._known = known_names
         self.apply = True
         self.skip: torch.Tensor | None = None
         self._runs = runs
@@ -85,6 +92,14 @@ class GradientStep:
         if callable(self._names):
             self._names = self._names()
         return self._names
+
+    @property
+    def known_names(self) -> Collection[str]:
+        """Every name the optimizer knows (its parameters', also those not in this step);
+        this step's names when not given."""
+        if callable(self._known):
+            self._known = self._known()
+        return self.names if self._known is None else self._known
 
     @names.setter
     def names(self, names: list[str]) -> None:
@@ -119,7 +134,15 @@ class GradientStep:
 
 
 class Transform:
-    """Base class: ``__call__(step)`` edits a :class:`GradientStep`; stateless by default."""
+    """Base class: ``__call__(step)`` edits a :class:`GradientStep`; stateless by default.
+
+    Loading is two steps, so that a chain (or ``polyak.Optimizer``) checks every member's
+    state before any member changes: ``_check_state(state_dict)`` validates and returns the
+    state to take (raising ``ValueError``/``TypeError`` naming what does not fit, changing
+    nothing), ``_set_state(checked)`` takes it and cannot fail. A subclass with state
+    overrides both; one that overrides ``load_state_dict`` instead is loaded through it, and
+    put back from a copy of its ``state_dict()`` if a later member fails.
+    """
 
     def __call__(self, step: GradientStep) -> None:
         raise NotImplementedError
@@ -127,12 +150,22 @@ class Transform:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned; a state dict that does not fit raises before
+        anything changes."""
+        self._set_state(self._check_state(state_dict))
+
+    def _check_state(self, state_dict: Mapping[str, Any]) -> Any:
+        who = f"{type(self).__name__}.load_state_dict"
+        check_mapping(state_dict, "state_dict", who)
         if state_dict:
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict: this transform has no state, "
-                f"got keys {sorted(state_dict)}"
+                f"{who}: this transform has no state, got keys {sorted(map(str, state_dict))}"
             )
+        return None
+
+    def _set_state(self, checked: Any) -> None:
+        pass
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -148,12 +181,47 @@ def _reject_sparse(step: GradientStep, sparse: Sequence[int], who: str) -> None:
         )
 
 
-def _positive(value: float, what: str, who: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise TypeError(f"{who}: {what} must be a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{who}: {what} must be {'>=' if allow_zero else '>'} 0, got {value!r}")
-    return float(value)
+class _Unchecked:
+    """The state for a member transform that loads through its own ``load_state_dict``."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+
+def checked_state(t: Transform, state: Any) -> Any:
+    """``t``'s checked form of ``state`` (raises, changing nothing, if it does not fit), for
+    :func:`set_states`."""
+    if type(t).load_state_dict is not Transform.load_state_dict:
+        return _Unchecked(state)
+    return t._check_state(state)
+
+
+def set_states(members: Sequence[tuple[Transform, Any]]) -> None:
+    """Set checked states; members loading through their own ``load_state_dict`` go first,
+    and are put back as they were if one of them raises."""
+    touched: list[tuple[Transform, dict[str, Any]]] = []
+    try:
+        for t, checked in members:
+            if isinstance(checked, _Unchecked):
+                touched.append((t, copy.deepcopy(t.state_dict())))
+                t.load_state_dict(checked.state)
+    except BaseException:
+        for t, before in reversed(touched):  # the failing one too: it may have half-loaded
+            t.load_state_dict(before)
+        raise
+    for t, checked in members:
+        if not isinstance(checked, _Unchecked):
+            t._set_state(checked)
+
+
+def _keys(state: Mapping[str, Any], expected: set[str], who: str, form: str) -> None:
+    if set(state) != expected:
+        raise ValueError(f"{who}: expected {form}, got keys {sorted(map(str, state))}")
+
+
+_NO_CLIPPING = "omit the transform for no clipping"
 
 
 class chain(Transform):
@@ -180,15 +248,19 @@ class chain(Transform):
     def state_dict(self) -> dict[str, Any]:
         return {str(i): t.state_dict() for i, t in enumerate(self.transforms)}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _check_state(self, state_dict: Mapping[str, Any]) -> Any:
+        check_mapping(state_dict, "state_dict", "chain.load_state_dict")
         expected = {str(i) for i in range(len(self.transforms))}
         if set(state_dict) != expected:
             raise ValueError(
                 f"chain.load_state_dict: expected keys {sorted(expected)}, got "
-                f"{sorted(state_dict)}; the chain must have the same transforms as when saved"
+                f"{sorted(map(str, state_dict))}; the chain must have the same transforms as "
+                "when saved"
             )
-        for i, t in enumerate(self.transforms):
-            t.load_state_dict(state_dict[str(i)])
+        return [(t, checked_state(t, state_dict[str(i)])) for i, t in enumerate(self.transforms)]
+
+    def _set_state(self, checked: Any) -> None:
+        set_states(checked)
 
 
 class clip_by_value(Transform):
@@ -198,9 +270,17 @@ class clip_by_value(Transform):
     """
 
     def __init__(self, lo: float, hi: float) -> None:
+        # An infinite bound is a one-sided clip (nothing turns NaN); NaN is refused.
+        lo = check_real(lo, "lo", "clip_by_value", allow_infinite=True)
+        hi = check_real(hi, "hi", "clip_by_value", allow_infinite=True)
         if not lo <= hi:
             raise ValueError(f"clip_by_value: need lo <= hi, got lo={lo!r}, hi={hi!r}")
-        self.lo, self.hi = float(lo), float(hi)
+        if lo == -math.inf and hi == math.inf:
+            raise ValueError(
+                "clip_by_value: lo=-inf and hi=inf clip nothing; omit the transform for no "
+                "clipping"
+            )
+        self.lo, self.hi = lo, hi
 
     def __call__(self, step: GradientStep) -> None:
         runs, sparse = step.dense_runs()
@@ -218,7 +298,9 @@ class clip_by_norm(Transform):
     """
 
     def __init__(self, clip_norm: float) -> None:
-        self.clip_norm = _positive(clip_norm, "clip_norm", "clip_by_norm")
+        self.clip_norm = check_real(
+            clip_norm, "clip_norm", "clip_by_norm", low=0.0, low_open=True, hint=_NO_CLIPPING
+        )
 
     def __call__(self, step: GradientStep) -> None:
         dense = [i for i, g in enumerate(step.grads) if not g.is_sparse]
@@ -243,7 +325,14 @@ class clip_by_global_norm(Transform):
     """
 
     def __init__(self, clip_norm: float) -> None:
-        self.clip_norm = _positive(clip_norm, "clip_norm", "clip_by_global_norm")
+        self.clip_norm = check_real(
+            clip_norm,
+            "clip_norm",
+            "clip_by_global_norm",
+            low=0.0,
+            low_open=True,
+            hint=f"{_NO_CLIPPING} (TF's inf clip_norm turns every gradient NaN)",
+        )
         self.last_norm: torch.Tensor | None = None
 
     def __call__(self, step: GradientStep) -> None:
@@ -261,9 +350,9 @@ class scale(Transform):
     """``g = s * g`` (a learning-rate-free rescaling; ``s`` may be negative)."""
 
     def __init__(self, s: float) -> None:
-        if isinstance(s, bool) or not isinstance(s, (int, float)):
-            raise TypeError(f"scale: s must be a number, got {s!r}")
-        self.s = float(s)
+        self.s = check_real(
+            s, "s", "scale", hint="use a finite scale (omit the transform to keep the gradients)"
+        )
 
     def __call__(self, step: GradientStep) -> None:
         runs, sparse = step.dense_runs()
@@ -282,8 +371,10 @@ class adaptive_clip(Transform):
     """
 
     def __init__(self, clipping: float = 0.01, eps: float = 1e-3) -> None:
-        self.clipping = _positive(clipping, "clipping", "adaptive_clip")
-        self.eps = _positive(eps, "eps", "adaptive_clip", allow_zero=True)
+        self.clipping = check_real(
+            clipping, "clipping", "adaptive_clip", low=0.0, low_open=True, hint=_NO_CLIPPING
+        )
+        self.eps = check_real(eps, "eps", "adaptive_clip", low=0.0)
 
     def __call__(self, step: GradientStep) -> None:
         _reject_sparse(step, step.dense_runs()[1], "adaptive_clip")
@@ -310,11 +401,18 @@ class add_noise(Transform):
     """
 
     def __init__(self, eta: float, gamma: float = 0.55, seed: int = 0) -> None:
-        self.eta = _positive(eta, "eta", "add_noise", allow_zero=True)
-        self.gamma = _positive(gamma, "gamma", "add_noise", allow_zero=True)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"add_noise: seed must be an int, got {seed!r}")
-        self.seed = seed
+        self.eta = check_real(
+            eta, "eta", "add_noise", low=0.0, hint="use a finite variance (omit the transform "
+            "for no noise)"
+        )
+        self.gamma = check_real(
+            gamma, "gamma", "add_noise", low=0.0, hint="use a finite decay exponent (0: constant)"
+        )
+        self.seed = check_int(seed, "seed", "add_noise")
+        if not -(2**63) <= self.seed < 2**64:
+            raise ValueError(
+                f"add_noise: seed must be in [-2**63, 2**64) (a torch.Generator seed), got {seed}"
+            )
         self.count = 0
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -348,11 +446,34 @@ class add_noise(Transform):
             "generators": {str(d): g.get_state() for d, g in self._generators.items()},
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.count = int(state_dict["count"])
+    def _check_state(self, state_dict: Mapping[str, Any]) -> Any:
+        who = "add_noise.load_state_dict"
+        check_mapping(state_dict, "state_dict", who)
+        _keys(state_dict, {"count", "generators"}, who, "{'count': int, 'generators': {...}}")
+        count = check_int(state_dict["count"], "'count'", who, low=0)
+        gens = check_mapping(state_dict["generators"], "'generators'", who)
+        states = {}
+        for device, gen_state in gens.items():
+            where = check_device(device, f"the 'generators' key {device!r}", who)
+            trial = torch.Generator(device=where)
+            try:
+                if not isinstance(gen_state, torch.Tensor):
+                    raise TypeError(type(gen_state).__name__)
+                trial.set_state(gen_state)
+            except (TypeError, RuntimeError) as e:
+                raise ValueError(
+                    f"{who}: 'generators'[{device!r}] is not the state of a {where.type} "
+                    f"torch.Generator ({str(e).strip().splitlines()[0]})"
+                ) from None
+            states[where] = gen_state
+        return count, states
+
+    def _set_state(self, checked: Any) -> None:
+        count, states = checked
+        self.count = count
         self._generators = {}
-        for device, gen_state in state_dict["generators"].items():
-            self._generator(torch.device(device)).set_state(gen_state)
+        for device, gen_state in states.items():
+            self._generator(device).set_state(gen_state)
 
 
 class skip_nonfinite(Transform):
@@ -367,15 +488,8 @@ class skip_nonfinite(Transform):
     """
 
     def __init__(self, max_consecutive: int | None = None) -> None:
-        if max_consecutive is not None and (
-            isinstance(max_consecutive, bool)
-            or not isinstance(max_consecutive, int)
-            or max_consecutive < 1
-        ):
-            raise ValueError(
-                f"skip_nonfinite: max_consecutive must be a positive int or None, got "
-                f"{max_consecutive!r}"
-            )
+        if max_consecutive is not None:
+            max_consecutive = check_int(max_consecutive, "max_consecutive", "skip_nonfinite", low=1)
         self.max_consecutive = max_consecutive
         self.skipped: torch.Tensor | None = None
         self.consecutive: torch.Tensor | None = None
@@ -409,9 +523,40 @@ class skip_nonfinite(Transform):
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped, "consecutive": self.consecutive}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.skipped = state_dict["skipped"]
-        self.consecutive = state_dict["consecutive"]
+    def _check_state(self, state_dict: Mapping[str, Any]) -> Any:
+        who = "skip_nonfinite.load_state_dict"
+        check_mapping(state_dict, "state_dict", who)
+        form = "{'skipped': tensor or None, 'consecutive': tensor or None}"
+        _keys(state_dict, {"skipped", "consecutive"}, who, form)
+        skipped, consecutive = state_dict["skipped"], state_dict["consecutive"]
+        if skipped is None and consecutive is None:
+            return None, None
+        for key, t in (("skipped", skipped), ("consecutive", consecutive)):
+            if not (
+                isinstance(t, torch.Tensor)
+                and t.ndim == 0
+                and not t.is_floating_point()
+                and not t.is_complex()
+                and t.dtype != torch.bool
+            ):
+                raise TypeError(
+                    f"{who}: '{key}' must be a 0-dim integer tensor (or both None), got {t!r}"
+                )
+        if skipped.device != consecutive.device:
+            raise ValueError(f"{who}: 'skipped' and 'consecutive' are on different devices")
+        # Read on the host once, at load time.
+        if not bool((consecutive >= 0) & (consecutive <= skipped)):
+            raise ValueError(
+                f"{who}: need 0 <= 'consecutive' <= 'skipped', got {int(consecutive)} and "
+                f"{int(skipped)}"
+            )
+        return skipped, consecutive
+
+    def _set_state(self, checked: Any) -> None:
+        skipped, consecutive = checked
+        # Copies: the counters are updated in place, the caller's state dict must not move.
+        self.skipped = None if skipped is None else skipped.to(torch.int64, copy=True)
+        self.consecutive = None if consecutive is None else consecutive.to(torch.int64, copy=True)
         self._mirror = None
 
 
@@ -450,27 +595,26 @@ class accumulate(Transform):
     """
 
     def __init__(self, k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"accumulate: k must be a positive int, got {k!r}")
-        self.k = k
+        self.k = check_int(k, "k", "accumulate", low=1)
         self.count = 0
         self._sums: list[torch.Tensor] | None = None
+        # The first micro-step's variables and their names (None after load_state_dict:
+        # then shapes are checked).
+        self._first: tuple[list[torch.Tensor], list[str] | Callable[[], list[str]]] | None = None
 
     def __call__(self, step: GradientStep) -> None:
         if self.k == 1:
             return
         grads = step.grads
+        if self.count:
+            self._check_same_variables(step)
         if step.skip is not None:
             keep = ~step.skip
             for i, g in enumerate(grads):
                 grads[i] = map_values(g, lambda v: torch.where(keep, v, 0))
         if self.count == 0:
             self._sums = flat_like(grads, copy=False)
-        elif self._sums is None or len(self._sums) != len(grads):
-            raise ValueError(
-                f"accumulate: micro-step {self.count + 1} has {len(grads)} gradients, the "
-                f"first had {len(self._sums or [])}; every micro-step must see the same ones"
-            )
+            self._first = (list(step.params), step._names)
         self.count += 1
         sums = self._sums
         assert sums is not None
@@ -496,18 +640,62 @@ class accumulate(Transform):
                 grads[i] = (sums[i] / self.k).coalesce()
         self.count = 0
         self._sums = None
+        self._first = None
+
+    def _check_same_variables(self, step: GradientStep) -> None:
+        """Micro-step ``count + 1`` must have the first one's variables, in the same order
+        (the running sums are positional); raises naming them, before anything changes."""
+        sums, first = self._sums or [], self._first
+        if len(step.params) == len(sums) and (
+            all(map(_is, first[0], step.params))
+            if first is not None
+            else all(
+                s.shape == g.shape and s.dtype == g.dtype and s.device == g.device
+                for s, g in zip(sums, step.grads)
+            )
+        ):
+            return
+        if first is None:
+            had = f"{len(sums)} of shapes {[tuple(t.shape) for t in sums[:10]]}"
+        else:
+            names = first[1]() if callable(first[1]) else first[1]
+            had = f"{len(names)}: {names[:10]}"
+        raise ValueError(
+            f"accumulate: the variables changed in the middle of an accumulation: micro-step "
+            f"{self.count + 1} of {self.k} has {len(step.params)}: {step.names[:10]}, the first "
+            f"had {had}. Every micro-step must apply gradients to the same variables; finish "
+            "the accumulation (or build a new accumulate) before changing them."
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count, "sums": list(self._sums) if self.count else None}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        count = int(state_dict["count"])
-        if not 0 <= count < self.k:
-            raise ValueError(
-                f"accumulate.load_state_dict: count must be in [0, {self.k}), got {count}"
-            )
+    def _check_state(self, state_dict: Mapping[str, Any]) -> Any:
+        who = "accumulate.load_state_dict"
+        check_mapping(state_dict, "state_dict", who)
+        _keys(state_dict, {"count", "sums"}, who, "{'count': int, 'sums': list or None}")
+        count = check_int(state_dict["count"], "'count'", who, low=0)
+        if count >= self.k:
+            raise ValueError(f"{who}: 'count' must be in [0, {self.k}), got {count}")
+        sums = state_dict["sums"]
+        if count == 0:
+            if sums is not None:
+                raise ValueError(f"{who}: 'sums' must be None when 'count' is 0")
+            return 0, None
+        if not (
+            isinstance(sums, (list, tuple))
+            and sums
+            and all(isinstance(t, torch.Tensor) for t in sums)
+        ):
+            raise TypeError(f"{who}: 'sums' must be a non-empty list of tensors, got {sums!r}")
+        return count, sums
+
+    def _set_state(self, checked: Any) -> None:
+        count, sums = checked
         self.count = count
-        self._sums = list(state_dict["sums"]) if count else None
+        # Copies: the sums are added to in place, the caller's state dict must not move.
+        self._sums = None if sums is None else [t.clone() for t in sums]
+        self._first = None
 
 
 class masked(Transform):
@@ -528,15 +716,39 @@ class masked(Transform):
             raise TypeError(f"masked: inner must be a polyak transform, got {type(inner).__name__}")
         if isinstance(select, str):
             raise TypeError("masked: select is a single string; pass a list of names, e.g. [name]")
+        if not callable(select):
+            if not isinstance(select, Collection) or not all(isinstance(n, str) for n in select):
+                raise TypeError(
+                    "masked: select must be a collection of parameter names or a predicate "
+                    f"(name, param) -> bool, got {select!r}"
+                )
+            if not select:
+                raise ValueError("masked: select is empty, so nothing would be masked in; omit "
+                                 "the transform instead")
+            select = frozenset(select)
         self.inner = inner
         self.select = select
+        self._checked_names = False
 
     def _chosen(self, name: str, param: torch.Tensor) -> bool:
         if callable(self.select):
             return bool(self.select(name, param))
         return name in self.select
 
+    def _check_names(self, step: GradientStep) -> None:
+        """Every selected name must name a parameter (checked once, at the first step)."""
+        known = step.known_names
+        unknown = sorted(n for n in self.select if n not in known)  # type: ignore[union-attr]
+        if unknown:
+            raise ValueError(
+                f"masked: {unknown} name no parameter (a typo?); the parameters are named "
+                f"{sorted(known)[:20]}{' ...' if len(known) > 20 else ''}"
+            )
+        self._checked_names = True
+
     def __call__(self, step: GradientStep) -> None:
+        if not self._checked_names and not callable(self.select):
+            self._check_names(step)
         idx = [i for i, (n, p) in enumerate(zip(step.names, step.params)) if self._chosen(n, p)]
         if not idx:
             return
@@ -544,6 +756,7 @@ class masked(Transform):
             [step.params[i] for i in idx],
             [step.grads[i] for i in idx],
             [step.names[i] for i in idx],
+            known_names=lambda: step.known_names,
         )
         sub.skip = step.skip
         self.inner(sub)
@@ -555,5 +768,8 @@ class masked(Transform):
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state_dict)
+    def _check_state(self, state_dict: Mapping[str, Any]) -> Any:
+        return [(self.inner, checked_state(self.inner, state_dict))]
+
+    def _set_state(self, checked: Any) -> None:
+        set_states(checked)
