@@ -34,11 +34,13 @@ from polyak.flat import coalesce
 
 __all__ = ["EMAGroup", "FanOutLerp"]
 
-# Bytes of weights per chunk. A chunk of weights and its K shadows must stay in cache between
-# the K lerps: 1 MiB (with K = 2, 3 MiB in flight) measured best on a 2-core CPU with 1 MiB of
-# L2 per core and 32 MiB of L3 (256 KiB was 25% slower: per-call overhead and prefetch breaks),
-# 8 MiB on CUDA (a few MiB per SM wave, well inside a 40-50 MiB L2).
-_CHUNK_BYTES = {"cpu": 1 << 20, "cuda": 8 << 20}
+# Bytes of weights per chunk: the chunk and its K shadows must stay in cache between the K
+# lerps. On the 2-core development CPU (1 MiB L2 per core, 32 MiB shared L3; 1.6 M to 100 M
+# parameters, K = 2 and 3) 4 MiB chunks came within 1.0-1.1x of the roofline; 1 MiB chunks
+# were as good on 16 M parameters but up to 15% slower elsewhere, 256 KiB ones 20-30% slower
+# (per-call overhead, broken prefetch streams). CUDA: 8 MiB, well inside a 40-50 MiB L2; not
+# measured yet.
+_CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 8 << 20}
 _CHUNK_BYTES_OTHER = 8 << 20
 
 _data_ptr = torch.Tensor.data_ptr
@@ -94,7 +96,7 @@ class FanOutLerp:
         shadows: ``K`` lists parallel to ``sources``; ``shadows[k][i]`` has the shape of
             ``sources[i]``, and all ``K`` shadows of one weight share a dtype and device
             (which may differ from the weight's: it is then cast, once, chunk by chunk).
-        chunk_bytes: bytes of weights per chunk (default: 1 MiB on the CPU, 8 MiB on CUDA).
+        chunk_bytes: bytes of weights per chunk (default: 4 MiB on the CPU, 8 MiB on CUDA).
 
     Built once for fixed storage: :meth:`is_current` says whether the sources still have the
     storage they had (a ``flatten_parameters_`` or ``.to()`` since then needs a new one).
