@@ -71,8 +71,9 @@ PREFIX = "phema-"
 _NAME = re.compile(r"phema-(\d+)-(\d+\.\d+)\.pt")
 
 # The target's profile may differ from the best combination of snapshots by this much (relative
-# L2 norm) before synthesis refuses it. The weights' error is at most that times the L2 norm of
-# their deviation from their mean over the profile (Cauchy-Schwarz: both profiles sum to 1).
+# L2 norm) before synthesis refuses it. A synthesized weight is then off by at most this times
+# ||p|| times the L2 norm, over the steps, of that weight's deviation from any constant
+# (Cauchy-Schwarz; the two profiles both sum to 1, so constants cancel).
 DEFAULT_MAX_ERROR = 0.05
 
 
