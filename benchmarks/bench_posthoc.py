@@ -15,7 +15,7 @@ Three measurements (docs/performance.md, "Post-hoc EMA"):
    against K ``ExponentialMovingAverage.update()`` calls, and against the roofline
    ``(4 + 8K)`` bytes per parameter, at the bandwidth of one ``lerp_`` over the same number of
    elements measured in the same rounds (a lerp moves 12 bytes per element).
-3. Synthesis quality on one trajectory (a small MLP trained with SGD on a noisy regression):
+3. Synthesis quality on one trajectory (examples/ema_demo.py's regression, SGD at lr 0.05):
    each library tracks sigma_rel 0.05 and 0.10 with snapshots every 100 steps, then
    synthesizes other sigma_rels at the last step; the reference is the exact power-function
    average of that sigma_rel, summed in float64 from the stored trajectory. Error: RMS of
@@ -47,6 +47,9 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_ema import median, mlp, package_version, quantile  # noqa: E402
+
+sys.path.insert(0, str(HERE.parent / "examples"))
+from ema_demo import regression_task  # noqa: E402
 
 import polyak  # noqa: E402
 from polyak.averaging import EMAGroup  # noqa: E402
@@ -247,30 +250,12 @@ def bench_k_averages(name: str, factory, batch_s: float, budget_s: float, rounds
 # ---------------------------------------------------------------------------- 3. synthesis
 
 
-def regression_task() -> tuple[nn.Module, Callable[[], None]]:
-    """A small MLP and its SGD step on a noisy regression (labels with noise 0.5)."""
-    torch.manual_seed(0)
-    true_w = torch.randn(16, 1)
-    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-
-    def step() -> None:
-        x = torch.randn(32, 16)
-        y = x @ true_w + 0.5 * torch.randn(32, 1)
-        loss = nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return model, step
-
-
 def bench_synthesis(steps: int, every: int) -> dict:
     from ema_pytorch import PostHocEMA as EmaPytorchPostHoc
 
     targets = (0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.17, 0.2, 0.25)
     root = Path(tempfile.mkdtemp(prefix="posthoc_quality_"))
-    model, train_step = regression_task()
+    model, train_step, _ = regression_task(lr=0.05)
     setups = {
         "polyak": polyak.PostHocEMA(
             model, sigma_rels=SIGMA_RELS, snapshot_every=every, snapshot_dir=root / "polyak"
@@ -332,6 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "posthoc.json")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["update", "k_averages", "synthesis"],
+        default=["update", "k_averages", "synthesis"],
+        help="run only these (the others are kept from an existing --out file)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -354,7 +346,15 @@ def main(argv: list[str] | None = None) -> int:
         "update": [],
         "k_averages": [],
     }
-    for name, factory in models:
+    if set(args.parts) != {"update", "k_averages", "synthesis"} and args.out.exists():
+        kept = json.loads(args.out.read_text())
+        for part in {"update", "k_averages", "synthesis"} - set(args.parts):
+            report[part] = kept.get(part)
+        suffix = "_" + "_".join(args.parts)  # where this partial run's own details go
+        report["command" + suffix] = report.pop("command")
+        report["machine" + suffix] = report.pop("machine")
+        report = {**kept, **report}
+    for name, factory in models if "update" in args.parts else []:
         t0 = time.perf_counter()
         r = bench_update(name, factory, batch_s, budget_s, rounds)
         report["update"].append(r)
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             flush=True,
         )
-    for name, factory in models:
+    for name, factory in models if "k_averages" in args.parts else []:
         t0 = time.perf_counter()
         r = bench_k_averages(name, factory, batch_s, budget_s, rounds)
         report["k_averages"].append(r)
@@ -381,11 +381,12 @@ def main(argv: list[str] | None = None) -> int:
             ),
             flush=True,
         )
-    t0 = time.perf_counter()
-    report["synthesis"] = bench_synthesis(steps, steps // 40)
-    print(f"synthesis [{time.perf_counter() - t0:.0f}s]:", flush=True)
-    for name, errs in report["synthesis"]["relative_rms_error"].items():
-        print(f"  {name}: " + ", ".join(f"{s}: {e:.2e}" for s, e in errs.items()))
+    if "synthesis" in args.parts:
+        t0 = time.perf_counter()
+        report["synthesis"] = bench_synthesis(steps, steps // 40)
+        print(f"synthesis [{time.perf_counter() - t0:.0f}s]:", flush=True)
+        for name, errs in report["synthesis"]["relative_rms_error"].items():
+            print(f"  {name}: " + ", ".join(f"{s}: {e:.2e}" for s, e in errs.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
