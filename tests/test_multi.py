@@ -230,3 +230,23 @@ def test_group_arguments():
     e = ExponentialMovingAverage(0.9)
     with pytest.raises(ValueError, match="listed twice"):
         EMAGroup(e, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_weights_are_read_in_place_every_step(dtype):
+    """A channels_last conv weight is not contiguous: it must be lerped in its own layout (a
+    flattened copy taken once would freeze the average at the first step's weights)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3).to(dtype=dtype, memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    shadows = [[torch.zeros(conv.weight.shape)] for _ in range(2)]
+    fan = FanOutLerp([conv.weight], shadows, chunk_bytes=4096)
+    expected = [torch.zeros(conv.weight.shape) for _ in range(2)]
+    for _ in range(3):
+        with torch.no_grad():
+            conv.weight.add_(1)
+        fan([0.5, 0.25])
+        for e, w in zip(expected, [0.5, 0.25]):
+            e.lerp_(conv.weight.detach().float(), w)
+    for row, e in zip(shadows, expected):
+        assert torch.equal(row[0], e)

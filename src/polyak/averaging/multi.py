@@ -76,15 +76,22 @@ def _foreach_lerp_scalars(
 
 
 class _Run:
-    """One coalesced span of weights and the matching spans of the K shadows."""
+    """One coalesced span of weights and the matching spans of the K shadows, cut into
+    ``pieces`` of at most ``chunk`` elements (a strided tensor, such as a ``channels_last``
+    weight, stays one piece in its own shape)."""
 
-    __slots__ = ("chunks", "shadows", "source")
+    __slots__ = ("pieces", "shadows", "source")
 
     def __init__(self, source: torch.Tensor, shadows: list[torch.Tensor], chunk: int) -> None:
         self.source = source
         self.shadows = shadows
         n = source.numel()
-        self.chunks = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+        if n > chunk and source.is_contiguous() and all(t.is_contiguous() for t in shadows):
+            src, rows = source.view(-1), [t.view(-1) for t in shadows]
+            bounds = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+            self.pieces = [(src[a:b], [row[a:b] for row in rows]) for a, b in bounds]
+        else:
+            self.pieces = [(source, shadows)]
 
 
 class FanOutLerp:
@@ -149,20 +156,19 @@ class FanOutLerp:
             size = torch.empty((), dtype=s_dtype).element_size()
             chunk = _chunk_elements(s_dev, size, chunk_bytes)
             runs = [
-                _Run(src.reshape(-1), [row[j].view(-1) for row in spans[1:]], chunk)
-                for j, src in enumerate(spans[0])
+                _Run(src, [row[j] for row in spans[1:]], chunk) for j, src in enumerate(spans[0])
             ]
             if v_dev == s_dev and v_dtype == s_dtype:
                 self._runs += runs
                 continue
             self._cast_runs += runs
-            longest = max(min(r.source.numel(), chunk) for r in runs)
+            longest = max(src.numel() for r in runs for src, _ in r.pieces)
             held = self._staging.get((s_dev, s_dtype))
             if held is None or held.numel() < longest:
                 self._staging[(s_dev, s_dtype)] = torch.empty(longest, dtype=s_dtype, device=s_dev)
         # Per subset of averages (those that lerp this step): the interleaved chunk lists.
         self._lists: dict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self._chunks = sum(len(r.chunks) for r in self._runs)
+        self._pieces = sum(len(r.pieces) for r in self._runs)
 
     def is_current(self) -> bool:
         """Whether every source still has the storage this plan was built on."""
@@ -186,16 +192,14 @@ class FanOutLerp:
         ws = [float(weights[k]) for k in lerping]
         if self._runs:
             shadow_list, source_list = self._interleaved(lerping)
-            _foreach_lerp_scalars(shadow_list, source_list, ws * self._chunks)
+            _foreach_lerp_scalars(shadow_list, source_list, ws * self._pieces)
         for run in self._cast_runs:
             first = run.shadows[0]
             stage = self._staging[(first.device, first.dtype)]
-            for start, end in run.chunks:
-                staged = stage[: end - start]
-                staged.copy_(run.source[start:end])
-                _foreach_lerp_scalars(
-                    [run.shadows[k][start:end] for k in lerping], [staged] * len(lerping), ws
-                )
+            for src, shadows in run.pieces:
+                staged = stage[: src.numel()].view(src.shape)
+                staged.copy_(src)
+                _foreach_lerp_scalars([shadows[k] for k in lerping], [staged] * len(lerping), ws)
 
     def _interleaved(self, ks: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Chunk-major lists: chunk 0 of every average in ``ks``, then chunk 1, ..."""
@@ -204,11 +208,9 @@ class FanOutLerp:
             shadow_list: list[torch.Tensor] = []
             source_list: list[torch.Tensor] = []
             for run in self._runs:
-                whole = len(run.chunks) == 1
-                for start, end in run.chunks:
-                    src = run.source if whole else run.source[start:end]
+                for src, shadows in run.pieces:
                     for k in ks:
-                        shadow_list.append(run.shadows[k] if whole else run.shadows[k][start:end])
+                        shadow_list.append(shadows[k])
                         source_list.append(src)
             lists = self._lists[ks] = (shadow_list, source_list)
         return lists
