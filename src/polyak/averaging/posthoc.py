@@ -385,15 +385,17 @@ def synthesize_directory(
     rec = _reconstruct([(s.step, s.gamma) for s in used], at, target, max_error)
     meta = used[-1].parameters
     dtypes = dict(zip(meta["names"], (_dtype(d) for d in meta["shadow_dtypes"])))
+    return _synthesize(rec, [_file_loader(s) for s in used], dtypes), rec
 
-    def loader(snap: _Snapshot):
-        def load():
-            data = _load(snap.path)
-            return data["averages"], data["buffers"]
 
-        return load
+def _file_loader(snap: _Snapshot) -> Callable[[], tuple[Mapping, Mapping]]:
+    """Reads a snapshot's averages and buffers when called."""
 
-    return _synthesize(rec, [loader(s) for s in used], dtypes), rec
+    def load() -> tuple[Mapping, Mapping]:
+        data = _load(snap.path)
+        return data["averages"], data["buffers"]
+
+    return load
 
 
 def _ranges(steps: Sequence[int]) -> str:
@@ -631,10 +633,11 @@ class PostHocEMA:
             )
         return fan
 
-    def _check_directory(self) -> None:
-        """Refuse a snapshot_dir that holds another run's snapshots (before the first write)."""
+    def _check_directory(self) -> list[_Snapshot]:
+        """This run's snapshots; refuses a snapshot_dir that holds another run's."""
         assert self.snapshot_dir is not None
-        others = [s for s in _scan(self.snapshot_dir) if s.run_id != self.run_id]
+        snapshots = _scan(self.snapshot_dir)
+        others = [s for s in snapshots if s.run_id != self.run_id]
         if others:
             runs = _runs(others)
             model = ""
@@ -650,6 +653,7 @@ class PostHocEMA:
                 "a run, load its PostHocEMA.state_dict() before the first update()."
             )
         self._dir_checked = True
+        return snapshots
 
     def _write_snapshots(self) -> None:
         assert self.snapshot_dir is not None
@@ -774,13 +778,7 @@ class PostHocEMA:
         now = self._last_update
         files: list[_Snapshot] = []
         if self.snapshot_dir is not None:
-            snapshots = _scan(self.snapshot_dir)
-            others = [s for s in snapshots if s.run_id != self.run_id]
-            if others:
-                raise ValueError(
-                    f"snapshot_dir {self.snapshot_dir} holds snapshots of another run: "
-                    f"{_describe_runs(_runs(others))}. Move them out."
-                )
+            snapshots = self._check_directory()
             # Files past the current step belong to a run that was killed and is being redone.
             files = [s for s in snapshots if s.step <= now]
         steps = sorted({s.step for s in files} | ({now} if now else set()))
@@ -798,19 +796,12 @@ class PostHocEMA:
             if snap.step > at or (snap.step == now == at):
                 continue  # the live averages stand for the current step, at full precision
             inputs.append((snap.step, snap.gamma))
-            loaders.append(self._file_loader(snap))
+            loaders.append(_file_loader(snap))
         if at == now:
             for k, g in enumerate(self.gammas):
                 inputs.append((now, g))
                 loaders.append(self._live_loader(k))
         return _reconstruct(inputs, at, target, max_error), loaders
-
-    def _file_loader(self, snap: _Snapshot) -> Callable[[], tuple[Mapping, Mapping]]:
-        def load() -> tuple[Mapping, Mapping]:
-            data = _load(snap.path)
-            return data["averages"], data["buffers"]
-
-        return load
 
     def _live_loader(self, k: int) -> Callable[[], tuple[Mapping, Mapping]]:
         def load() -> tuple[Mapping, Mapping]:
