@@ -3,35 +3,49 @@
 Run: python examples/ema_demo.py
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 import polyak
 
 
-def main() -> None:
-    torch.manual_seed(0)
+def regression_task(
+    seed: int = 0, lr: float = 0.1
+) -> tuple[nn.Module, Callable[[], None], Callable[[nn.Module], float]]:
+    """A 16-64-1 MLP, its SGD step on a fresh batch with noisy labels (the weights jitter),
+    and its test MSE on 2048 clean examples."""
+    torch.manual_seed(seed)
     true_w = torch.randn(16, 1)
     model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
     polyak.flatten_parameters_(model)  # one buffer: each EMA step is one kernel
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    step = polyak.GlobalStep()  # TF's global_step: the EMA reads it at every update
-    ema = polyak.ExponentialMovingAverage(decay=0.99, num_updates=step)
-    ema.apply(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     x_test = torch.randn(2048, 16)
     y_test = x_test @ true_w
 
-    def test_loss(m: nn.Module) -> float:
-        with torch.no_grad():
-            return nn.functional.mse_loss(m(x_test), y_test).item()
-
-    for i in range(1, 2001):
+    def train_step() -> None:
         x = torch.randn(32, 16)
         y = x @ true_w + 0.5 * torch.randn(32, 1)  # noisy labels: SGD's weights jitter
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+    def test_loss(m: nn.Module) -> float:
+        with torch.no_grad():
+            return nn.functional.mse_loss(m(x_test), y_test).item()
+
+    return model, train_step, test_loss
+
+
+def main() -> None:
+    model, train_step, test_loss = regression_task()
+    step = polyak.GlobalStep()  # TF's global_step: the EMA reads it at every update
+    ema = polyak.ExponentialMovingAverage(decay=0.99, num_updates=step)
+    ema.apply(model)
+    for i in range(1, 2001):
+        train_step()
         step.increment()
         ema.update()
         if i % 500 == 0:

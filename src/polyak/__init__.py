@@ -7,6 +7,7 @@ Gradients and their processing, optimizer application with a global step, and av
 from polyak.averaging import (
     ExponentialMovingAverage,
     IncompatibleKeys,
+    PostHocEMA,
     TargetNetwork,
     schedules,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "GlobalStep",
     "IncompatibleKeys",
     "Optimizer",
+    "PostHocEMA",
     "TargetNetwork",
     "__version__",
     "clip_by_global_norm",

@@ -1,9 +1,10 @@
-"""The ``polyak`` command line: ``polyak train | eval | plot``.
+"""The ``polyak`` command line: ``polyak train | eval | plot | posthoc``.
 
     polyak train {ddpg,td3,dqn} --env ID --total-steps N --seed S --run-dir DIR
                  [--preset paper|zoo] [--set KEY=VALUE [KEY=VALUE ...]] ...
     polyak eval DIR [--episodes K]      (the run's policy.pt if it has one, else its checkpoint)
     polyak plot DIR [DIR ...] -o out.png
+    polyak posthoc SNAPSHOT_DIR --sigma-rel S [--step N] -o out.safetensors|out.pt
 
 ``train`` on a directory that already has a checkpoint resumes it (same command, same config);
 a directory made with a different configuration is refused with the differing keys, and so is
@@ -168,6 +169,25 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_posthoc(args: argparse.Namespace) -> int:
+    import torch
+
+    from polyak.averaging.posthoc import posthoc_command
+
+    print(
+        posthoc_command(
+            args.snapshot_dir,
+            args.output,
+            sigma_rel=args.sigma_rel,
+            gamma=args.gamma,
+            step=args.step,
+            max_error=None if args.max_error < 0 else args.max_error,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polyak", description="Train, evaluate and plot polyak's reference RL agents."
@@ -212,6 +232,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser(
+        "posthoc",
+        help="synthesize a post-hoc EMA from a PostHocEMA snapshot directory (EDM2)",
+        description="Synthesize the power-function EMA of a given sigma_rel (or gamma) from the "
+        "snapshots of polyak.PostHocEMA, by EDM2's least squares; needs only the directory.",
+    )
+    p.add_argument("snapshot_dir")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sigma-rel", type=float, help="relative width, e.g. 0.07")
+    target.add_argument("--gamma", type=float, help="power-function exponent instead")
+    p.add_argument("--step", type=int, default=None, help="snapshot step (default: latest)")
+    p.add_argument(
+        "-o", "--output", required=True, help="out.safetensors (needs safetensors) or out.pt"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        default=None,
+        help="cast floating tensors (default: the averages' dtype)",
+    )
+    p.add_argument(
+        "--max-error",
+        type=float,
+        default=0.05,
+        help="largest relative error of the averaging profile accepted (negative: any)",
+    )
+    p.set_defaults(func=_cmd_posthoc)
     return parser
 
 

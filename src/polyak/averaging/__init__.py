@@ -2,6 +2,15 @@
 
 from polyak.averaging import schedules
 from polyak.averaging.ema import ExponentialMovingAverage, IncompatibleKeys
+from polyak.averaging.multi import EMAGroup
+from polyak.averaging.posthoc import PostHocEMA
 from polyak.averaging.target import TargetNetwork
 
-__all__ = ["ExponentialMovingAverage", "IncompatibleKeys", "TargetNetwork", "schedules"]
+__all__ = [
+    "EMAGroup",
+    "ExponentialMovingAverage",
+    "IncompatibleKeys",
+    "PostHocEMA",
+    "TargetNetwork",
+    "schedules",
+]

@@ -338,17 +338,10 @@ class ExponentialMovingAverage:
         ``ValueError`` naming it, instead of averaging the tensor the model dropped; call
         ``ema.track(model)`` (or ``apply(model)``) to follow the new one.
         """
-        one_minus = self._next_weight()
-        if one_minus is None and self._step >= self.update_after:
-            # A call between update_every steps (a hard target's N - 1 calls in N) touches no
-            # tensor: count it without checking the plan.
+        plan, one_minus = self._pending_update()
+        if plan is None:
             self._step += 1
             return
-        if self._assignments_seen != _assignments[0]:
-            self._check_owners()
-        plan = self._plans.get(None)
-        if plan is None or not plan.is_current():
-            plan = self._plan(None, [e for e in self._entries.values() if not e.is_value])
         single = plan.single
         if single is not None and type(one_minus) is float and not self.exact_tf:
             # The hot path, without further calls. Weight 1 (decay 0: a hard target's copy) is
@@ -630,6 +623,51 @@ class ExponentialMovingAverage:
             f"ExponentialMovingAverage(decay={decay!r}, num_updates={self._num_updates!r}, "
             f"zero_debias={self.zero_debias}, entries={len(self._entries)}, step={self._step})"
         )
+
+    # ------------------------------------------------------------------ seam for EMAGroup
+    # polyak.averaging.multi.EMAGroup runs the lerps of several averages of the same variables
+    # in one pass; these methods split update() into deciding, lerping and finishing.
+
+    def _pending_update(self) -> tuple[_Plan | None, float | torch.Tensor | None]:
+        """What :meth:`update` does now, without doing it: the plan (``None``: the call
+        touches no tensor, as a hard target's N - 1 calls in N) and the lerp weight (``None``:
+        a copy, before ``update_after``)."""
+        one_minus = self._next_weight()
+        if one_minus is None and self._step >= self.update_after:
+            # A call between update_every steps (a hard target's N - 1 calls in N) touches no
+            # tensor: count it without checking the plan.
+            return None, None
+        if self._assignments_seen != _assignments[0]:
+            self._check_owners()
+        plan = self._plans.get(None)
+        if plan is None or not plan.is_current():
+            plan = self._plan(None, [e for e in self._entries.values() if not e.is_value])
+        return plan, one_minus
+
+    def _cached_update_plan(self) -> _Plan | None:
+        return self._plans.get(None)
+
+    def _fusable_weight(self, one_minus: float | torch.Tensor | None) -> bool:
+        """Whether a step with ``one_minus`` is a plain ``lerp_`` that may run elsewhere."""
+        return type(one_minus) is float and one_minus != 1.0 and not self.exact_tf
+
+    def _finish_update(
+        self, plan: _Plan | None, one_minus: float | torch.Tensor | None, lerps_done: bool
+    ) -> None:
+        """Complete the update that :meth:`_pending_update` decided; ``lerps_done``: the
+        caller has already applied ``plan.lerps`` with ``one_minus``."""
+        if plan is not None and lerps_done:
+            for shadows, sources, _ in plan.copies:
+                _copy_each(shadows, sources)
+            self._step += 1
+        elif plan is not None:
+            self._step_plan(plan, (), one_minus)
+        else:
+            self._step += 1
+
+    def _variables(self) -> list[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` of every tracked variable, in tracking order."""
+        return [(e.name, e.source) for e in self._entries.values() if e.source is not None]
 
     # ------------------------------------------------------------------ internals
 

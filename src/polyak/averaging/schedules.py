@@ -12,6 +12,9 @@ or your own callable, as ``ExponentialMovingAverage(decay=...)``.
 - ``power_function(gamma)``: ``(1 - 1/(t+1))^(gamma+1)`` (EDM2, Karras et al. 2024).
 - ``karras(sigma_rel)``: ``power_function(gamma(sigma_rel))`` (EDM2).
 - ``cosine(base, final, T)``: ``final - (final - base) * (cos(pi t/T) + 1)/2`` (BYOL, DINO).
+
+EDM2 describes a power-function average by its exponent ``gamma`` or by its relative width
+``sigma_rel``; :func:`sigma_rel_to_gamma` and :func:`gamma_to_sigma_rel` convert.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ __all__ = [
     "Schedule",
     "constant",
     "cosine",
+    "gamma_to_sigma_rel",
     "karras",
     "num_updates",
     "power_function",
+    "sigma_rel_to_gamma",
     "warmup",
 ]
 
@@ -117,31 +122,52 @@ class power_function:
 
 
 class karras(power_function):
-    """EDM2's power-function EMA given its relative width ``sigma_rel`` (e.g. 0.05 to 0.10).
-
-    ``gamma`` is the largest real root of ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0``
-    (EDM2, Algorithm 2: the std of the averaging profile relative to its length is sigma_rel).
-    """
+    """EDM2's power-function EMA given its relative width ``sigma_rel`` (e.g. 0.05 to 0.10):
+    ``power_function(sigma_rel_to_gamma(sigma_rel))``."""
 
     def __init__(self, sigma_rel: float) -> None:
         sigma_rel = check_real(sigma_rel, "sigma_rel", "karras")
-        if not 0.0 < sigma_rel < 12**-0.5:
+        if not 0.0 < sigma_rel < SIGMA_REL_MAX:
             raise ValueError(
-                f"karras: sigma_rel must be in (0, {12**-0.5:.4f}) for gamma > 0, got {sigma_rel}"
+                f"karras: sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}) for gamma > 0, got {sigma_rel}"
             )
         self.sigma_rel = sigma_rel
-        super().__init__(_sigma_rel_to_gamma(self.sigma_rel))
+        super().__init__(sigma_rel_to_gamma(self.sigma_rel))
 
     def __repr__(self) -> str:
         return f"karras({self.sigma_rel})"
 
 
-def _sigma_rel_to_gamma(sigma_rel: float) -> float:
+# sigma_rel of gamma -> 0; every gamma > 0 has a smaller one.
+SIGMA_REL_MAX = 12**-0.5
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """``sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))`` (EDM2, eq. 123).
+
+    The standard deviation of the power-function profile ``p(tau) ~ tau^gamma`` on ``[0, t]``
+    relative to ``t``: the width of the average as a fraction of the training so far.
+    """
+    gamma = check_real(gamma, "gamma", "gamma_to_sigma_rel", low=0.0, low_open=True)
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The ``gamma`` whose power-function profile has relative width ``sigma_rel``.
+
+    The largest real root of ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0`` (EDM2, eq. 126
+    and Algorithm 2), the inverse of :func:`gamma_to_sigma_rel`; ``sigma_rel`` must be in
+    ``(0, 12**-0.5)`` (0.2887) for ``gamma > 0``. EDM2's 0.05 and 0.10 give 16.97 and 6.94.
+    """
+    sigma_rel = check_real(sigma_rel, "sigma_rel", "sigma_rel_to_gamma")
+    if not 0.0 < sigma_rel < SIGMA_REL_MAX:
+        raise ValueError(
+            f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}) for gamma > 0, got {sigma_rel}"
+        )
     t = sigma_rel**-2
-    coefficients = (1.0, 7.0, 16.0 - t, 12.0 - t)
 
     def poly(g: float) -> float:
-        return ((coefficients[0] * g + coefficients[1]) * g + coefficients[2]) * g + coefficients[3]
+        return ((g + 7.0) * g + (16.0 - t)) * g + (12.0 - t)
 
     # The cubic is negative at 0 (t > 12) and increasing past its largest root: bisect.
     lo, hi = 0.0, 1.0
@@ -149,6 +175,8 @@ def _sigma_rel_to_gamma(sigma_rel: float) -> float:
         hi *= 2
     for _ in range(200):
         mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
         if poly(mid) < 0:
             lo = mid
         else:

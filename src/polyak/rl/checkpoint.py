@@ -1,10 +1,9 @@
 """Atomic checkpoint files and the random-number-generator states they carry.
 
 A checkpoint is a plain nested dict of tensors, numbers, strings, lists and dicts, so
-``torch.load(path, weights_only=True)`` reads it without unpickling any code. It is written to a
-temporary file in the same directory, flushed and fsync'ed, then renamed over the old one with
-``os.replace`` (atomic on POSIX): a process killed at any instant leaves either the previous
-checkpoint or the new one, never a torn file.
+``torch.load(path, weights_only=True)`` reads it without unpickling any code. It is written
+with :func:`save_atomic` (temp file, fsync, ``os.replace``): a process killed at any instant
+leaves either the previous checkpoint or the new one, never a torn file.
 """
 
 from __future__ import annotations
@@ -17,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from polyak._atomic import remove_stale_temps, save_atomic
 
 __all__ = [
     "CheckpointError",
@@ -32,37 +33,6 @@ __all__ = [
 class CheckpointError(ValueError):
     """A checkpoint file cannot be used: unreadable (truncated, not a torch file, pickled code)
     or not the checkpoint expected (another kind of file, another run)."""
-
-
-def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save(obj, path)`` via a temp file + fsync + ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    # Make the rename itself durable (a crash of the machine, not just the process).
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temps(path: str | os.PathLike[str]) -> None:
-    """Delete temp files left by a process killed in the middle of :func:`save_atomic`.
-
-    Only for a caller that knows no other process writes ``path`` (the run directory's lock,
-    ``polyak.rl.rundir``): a live writer's temp file looks the same.
-    """
-    path = Path(path)
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
