@@ -126,12 +126,9 @@ class karras(power_function):
     ``power_function(sigma_rel_to_gamma(sigma_rel))``."""
 
     def __init__(self, sigma_rel: float) -> None:
-        sigma_rel = check_real(sigma_rel, "sigma_rel", "karras")
-        if not 0.0 < sigma_rel < SIGMA_REL_MAX:
-            raise ValueError(
-                f"karras: sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}) for gamma > 0, got {sigma_rel}"
-            )
-        self.sigma_rel = sigma_rel
+        self.sigma_rel = check_real(
+            sigma_rel, "sigma_rel", "karras", low=0.0, high=SIGMA_REL_MAX, low_open=True
+        )
         super().__init__(sigma_rel_to_gamma(self.sigma_rel))
 
     def __repr__(self) -> str:
