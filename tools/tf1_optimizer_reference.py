@@ -214,16 +214,20 @@ def replay(case: dict, data: dict, *, flat: bool = False) -> tuple[dict, dict]:
 
     import polyak
     import polyak.optim
+    from polyak.flat import pack
 
     params = {
         name: torch.nn.Parameter(torch.from_numpy(data[f"init/{name}"].copy()))
         for name in {**DENSE, **SPARSE}
     }
-    if flat:
+    grad_slots = {}
+    if flat:  # weights, gradients (and so slots) in one buffer each
         holder = torch.nn.Module()
         for name in DENSE:
             holder.register_parameter(name, params[name])
         polyak.flatten_parameters_(holder, grads=False)
+        views = pack([(p.shape, p.dtype, p.device) for p in holder.parameters()])
+        grad_slots = dict(zip(DENSE, views))
     kwargs = dict(case["kwargs"])
     kwargs.setdefault("learning_rate", learning_rate(case, 0))
     opt = getattr(polyak.optim, case["optimizer"])(list(params.values()), **kwargs)
@@ -231,11 +235,16 @@ def replay(case: dict, data: dict, *, flat: bool = False) -> tuple[dict, dict]:
     for t in range(STEPS):
         for name in DENSE:
             skip = name == SKIPPED and t % 3 == 2
-            params[name].grad = None if skip else torch.from_numpy(data[f"grad/{name}"][t])
+            grad = None if skip else torch.from_numpy(data[f"grad/{name}"][t])
+            if grad is not None and name in grad_slots:
+                grad = grad_slots[name].copy_(grad)
+            params[name].grad = grad
         for name, shape in SPARSE.items():
             indices = torch.from_numpy(data[f"indices/{name}"][t])[None]
             values = torch.from_numpy(data[f"values/{name}"][t])
-            params[name].grad = torch.sparse_coo_tensor(indices, values, shape)
+            params[name].grad = torch.sparse_coo_tensor(
+                indices, values, shape, check_invariants=True
+            )
         opt.param_groups[0]["lr"] = learning_rate(case, t)
         opt.step()
         if t + 1 in SNAPSHOTS:
@@ -268,9 +277,7 @@ def distances(case: dict, data: dict, **kwargs: bool) -> dict[str, int]:
     name = case["name"]
     first = max(int(ulps(v[0], data[f"{name}/{k}"][0]).max()) for k, v in snaps.items())
     every = max(int(ulps(v, data[f"{name}/{k}"]).max()) for k, v in snaps.items())
-    slot = max(
-        (int(ulps(v, data[f"{name}/{k}"]).max()) for k, v in slots.items()), default=0
-    )
+    slot = max((int(ulps(v, data[f"{name}/{k}"]).max()) for k, v in slots.items()), default=0)
     return {"first": first, "all": every, "slots": slot}
 
 

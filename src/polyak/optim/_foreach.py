@@ -191,7 +191,8 @@ def sqrt(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         flat = first.detach().reshape(-1).to(dtype, copy=True)
     else:
         flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to(dtype)
-    _np.sqrt(flat.numpy(), out=flat.numpy())
+    with _np.errstate(invalid="ignore"):  # NaN for negative inputs, silently, as torch
+        _np.sqrt(flat.numpy(), out=flat.numpy())
     if flat.dtype != first.dtype:
         flat = flat.to(first.dtype)
     pieces = flat.split([t.numel() for t in tensors])
