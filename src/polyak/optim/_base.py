@@ -202,7 +202,7 @@ class TFOptimizer(torch.optim.Optimizer):
                 if g.layout is torch.strided:
                     dense.append(p)
                 else:
-                    self._check_sparse(p, g, gi)
+                    self._check_sparse(p, gi)  # .grad accepts sparse COO only
                     sparse.append(p)
             if dense or sparse:
                 work.append((gi, group, dense, sparse))
@@ -305,12 +305,7 @@ class TFOptimizer(torch.optim.Optimizer):
                     "(view a complex parameter as real pairs with torch.view_as_real)"
                 )
 
-    def _check_sparse(self, p: torch.Tensor, g: torch.Tensor, group: int) -> None:
-        if g.layout is not torch.sparse_coo:
-            raise TypeError(
-                f"{type(self).__name__}: a gradient in param group {group} has layout "
-                f"{g.layout}; use a dense or sparse COO gradient (grad.to_sparse_coo())"
-            )
+    def _check_sparse(self, p: torch.Tensor, group: int) -> None:
         if not p.is_contiguous():
             raise ValueError(
                 f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} in param group "
