@@ -143,7 +143,7 @@ _EXACT_FUSED = (torch.float32, torch.float64)
 
 
 def _fused(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in _EXACT_FUSED
+    return t.is_cpu and t.dtype in _EXACT_FUSED
 
 
 def add_scaled_(xs: list[torch.Tensor], ys: list[torch.Tensor], c: float) -> None:
@@ -173,37 +173,40 @@ def add_scaled_quotient_(
         torch._foreach_add_(xs, q)
 
 
-def sqrt(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Square roots (new tensors), correctly rounded as TF's kernels and IEEE hardware give them.
+def sqrt(tensors: list[torch.Tensor], *, inplace: bool = False) -> list[torch.Tensor]:
+    """Square roots, correctly rounded as TF's kernels and IEEE hardware give them: new
+    tensors, or ``tensors`` themselves with ``inplace=True`` (for temporaries).
 
     On the CPU torch's ``sqrt`` goes through MKL's vector math library, which is not correctly
     rounded on every processor (on the AMD EPYC of docs/optim.md one float32 in five comes out
     an ulp off, at every SIMD level); numpy's ``sqrt`` is the hardware instruction, exact, and
-    there about 1.8 times faster (it runs on one thread). The tensors are gathered into one
-    buffer for a single call. Without numpy, torch's is used. Elsewhere (CUDA) torch's ``sqrt``
-    is the correctly rounded one.
+    there about 1.8 times faster (it runs on one thread). Without numpy, torch's is used.
+    Elsewhere (CUDA) torch's ``sqrt`` is the correctly rounded one.
     """
     first = tensors[0]
-    if _np is None or first.device.type != "cpu":
+    if _np is None or not first.is_cpu:
+        if inplace:
+            torch._foreach_sqrt_(tensors)
+            return tensors
         return torch._foreach_sqrt(tensors)
-    dtype = first.dtype if first.dtype in _EXACT_FUSED else torch.float32
-    if len(tensors) == 1:
-        flat = first.detach().reshape(-1).to(dtype, copy=True)
-    else:
-        flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to(dtype)
+    out = tensors if inplace else [t.detach().clone() for t in tensors]
     with _np.errstate(invalid="ignore"):  # NaN for negative inputs, silently, as torch
-        _np.sqrt(flat.numpy(), out=flat.numpy())
-    if flat.dtype != first.dtype:
-        flat = flat.to(first.dtype)
-    pieces = flat.split([t.numel() for t in tensors])
-    return [p.view(t.shape) for p, t in zip(pieces, tensors)]
+        for t in out:
+            if t.dtype in _EXACT_FUSED and t.is_contiguous():
+                a = t.detach().numpy()
+                _np.sqrt(a, out=a)
+            else:  # narrower dtypes: the float32 root, rounded again (exact for them)
+                wide = t.detach().float().contiguous().numpy()
+                _np.sqrt(wide, out=wide)
+                t.copy_(torch.from_numpy(wide))
+    return out
 
 
-def rsqrt(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def rsqrt(tensors: list[torch.Tensor], *, inplace: bool = False) -> list[torch.Tensor]:
     """``1 / sqrt(x)`` with both operations correctly rounded (new tensors): TF's ``rsqrt``
     in scalar code (``numext::rsqrt``). TF's vectorized CPU kernels use a fast estimate
     instead (Eigen's ``prsqrt``, a few ulps off, machine-dependent); CUDA's ``rsqrtf``, which
     torch's ``rsqrt`` calls there, is approximate too."""
-    roots = sqrt(tensors)
+    roots = sqrt(tensors, inplace=inplace)
     torch._foreach_reciprocal_(roots)
     return roots

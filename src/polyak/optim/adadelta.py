@@ -63,8 +63,8 @@ class AdadeltaOptimizer(TFOptimizer):
         accum, accum_update = slots
         torch._foreach_mul_(accum, s.rho)
         add_scaled_(accum, torch._foreach_mul(grads, grads), s.one_minus_rho)
-        update = sqrt(torch._foreach_add(accum_update, s.epsilon))
-        inverse_root = rsqrt(torch._foreach_add(accum, s.epsilon))
+        update = sqrt(torch._foreach_add(accum_update, s.epsilon), inplace=True)
+        inverse_root = rsqrt(torch._foreach_add(accum, s.epsilon), inplace=True)
         torch._foreach_mul_(update, inverse_root)
         torch._foreach_mul_(update, grads)
         add_scaled_(params, update, -s.lr)

@@ -118,7 +118,7 @@ class RMSPropOptimizer(TFOptimizer):
             torch._foreach_add_(denominator, s.epsilon)
         else:
             denominator = torch._foreach_add(rms, s.epsilon)
-        denominator = sqrt(denominator)
+        sqrt(denominator, inplace=True)
         torch._foreach_mul_(mom, s.momentum)
         add_scaled_quotient_(mom, grads, denominator, s.lr)
         torch._foreach_sub_(params, mom)
@@ -139,7 +139,7 @@ class RMSPropOptimizer(TFOptimizer):
             mg = picked[2]
             mg.mul_(s.decay).add_(values * s.one_minus_decay)
             denominator.sub_(mg * mg)
-        (scale,) = rsqrt([denominator])
+        (scale,) = rsqrt([denominator], inplace=True)
         scale.mul_(s.lr).mul_(values)
         mom.mul_(s.momentum).add_(scale)
         var.index_copy_(0, rows, var.index_select(0, rows).sub_(mom))
