@@ -318,15 +318,29 @@ def test_flattened_model_steps_one_buffer_and_the_same_bits(name, monkeypatch):
     sizes = []
     real = cls._update
 
-    def spy(self, s, params, *rest):
+    def spy(self, s, tmp, params, *rest):
         sizes.append(len(params))
-        return real(self, s, params, *rest)
+        return real(self, s, tmp, params, *rest)
 
     monkeypatch.setattr(cls, "_update", spy)
     opt = cls(flat.parameters(), **ALL[name])
     train(flat, opt, 3)
     assert same(weights(plain), weights(flat))
     assert sizes[-1] == 1  # one merged run: parameters, gradients and slots are contiguous
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_the_accelerator_formulation_gives_the_same_bits(name, monkeypatch):
+    """Off the CPU the primitives take separate products and fresh temporaries (CUDA's foreach
+    kernels contract ``x + c * (y / z)``); run that formulation here: the same bits."""
+    import polyak.optim._exact as exact
+
+    cpu, accelerator = model(), model()
+    train(cpu, getattr(po, name)(cpu.parameters(), **ALL[name]), 3)
+    monkeypatch.setattr(exact, "_fused", lambda t: False)
+    monkeypatch.setattr(exact.Reused, "_out", lambda self, k, like: None)
+    train(accelerator, getattr(po, name)(accelerator.parameters(), **ALL[name]), 3)
+    assert same(weights(cpu), weights(accelerator))
 
 
 def test_minimize_on_a_flattened_model_through_polyak_optimizer():
@@ -344,7 +358,7 @@ def test_minimize_on_a_flattened_model_through_polyak_optimizer():
 
 
 def test_cpu_pieces_give_the_same_bits(monkeypatch):
-    import polyak.optim._foreach as foreach
+    import polyak.optim._batches as foreach
 
     a, b = nn.Linear(300, 300), nn.Linear(300, 300)
     b.load_state_dict(a.state_dict())

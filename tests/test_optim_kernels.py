@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import polyak
-from polyak.optim import _foreach as foreach
+from polyak.optim import _batches, _exact
 from polyak.optim._arith import Arith, to_float32
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_rounding_edges():
 PRIMITIVES = textwrap.dedent(
     """
     import numpy as np, torch
-    from polyak.optim import _foreach as f
+    from polyak.optim import _exact as f
     rng = np.random.default_rng(0)
     for dt in (np.float32, np.float64, np.float16):
         n = 1000
@@ -77,7 +77,10 @@ PRIMITIVES = textwrap.dedent(
         assert np.array_equal(X[0].numpy(), x + (y * -c) / z), ("add_scaled_quotient_", dt)
         Z = [torch.from_numpy(z), torch.from_numpy(z[:7])]
         assert np.array_equal(f.sqrt(Z)[0].numpy(), np.sqrt(z)), ("sqrt", dt)
-        assert np.array_equal(f.rsqrt(Z)[1].numpy(), dt(1) / np.sqrt(z[:7])), ("rsqrt", dt)
+        R = f.Reused()
+        T = R.sqrt(0, Z)
+        assert np.array_equal(T[1].numpy(), np.sqrt(z[:7])), ("reused sqrt", dt)
+        assert np.array_equal(R.mul(1, [torch.from_numpy(y)], float(c))[0].numpy(), y * c)
     print("ok", torch.backends.cpu.get_cpu_capability())
     """
 )
@@ -97,7 +100,7 @@ def test_primitives_round_as_tf_at_every_simd_level(capability):
 
 def test_sqrt_keeps_shapes_dtypes_and_nan():
     t = [torch.tensor([[4.0, -1.0]]), torch.tensor([9.0], dtype=torch.float32)]
-    roots = foreach.sqrt(t)
+    roots = _exact.sqrt(t)
     assert roots[0].shape == (1, 2) and roots[0][0, 0] == 2 and torch.isnan(roots[0][0, 1])
     assert roots[1].tolist() == [3.0]
     assert t[0][0, 0] == 4.0  # inputs untouched
@@ -109,12 +112,12 @@ def test_sqrt_keeps_shapes_dtypes_and_nan():
 def test_layout_merges_runs_that_are_contiguous_in_every_list():
     buf = [torch.arange(10.0) for _ in range(3)]
     lists = [[b[:4], b[4:7], b[7:]] for b in buf]
-    merged = foreach.Layout().merge(lists)
+    merged = _batches.Layout().merge(lists)
     assert [len(ts) for ts in merged] == [1, 1, 1]
     assert all(torch.equal(m[0], b) for m, b in zip(merged, buf))
     other = torch.arange(3.0)  # a gradient that is not in the buffer breaks the run
     lists[1][1] = other
-    merged = foreach.Layout().merge(lists)
+    merged = _batches.Layout().merge(lists)
     assert [len(ts) for ts in merged] == [3, 3, 3]
     assert merged[1][1] is other
 
@@ -124,7 +127,7 @@ def test_layout_follows_tensors_that_move():
     polyak.flatten_parameters_(model)
     params = list(model.parameters())
     grads = polyak.flat.pack([(p.shape, p.dtype, p.device) for p in params])
-    layout = foreach.Layout()
+    layout = _batches.Layout()
     assert len(layout.merge([params, grads])[0]) == 1
     params[1].data = params[1].data.clone()  # leaves the buffer
     merged = layout.merge([params, grads])
@@ -132,12 +135,12 @@ def test_layout_follows_tensors_that_move():
 
 
 def test_cpu_pieces_cover_everything_once(monkeypatch):
-    monkeypatch.setattr(foreach, "CPU_PIECE_BYTES", 40)  # 10 float32
+    monkeypatch.setattr(_batches, "CPU_PIECE_BYTES", 40)  # 10 float32
     ts = [torch.arange(n, dtype=torch.float32) + 100 * i for i, n in enumerate([3, 4, 25, 2, 0, 9])]
     twins = [t.clone() for t in ts]
-    pieces = foreach.pieces([ts, twins], torch.device("cpu"))
+    pieces = _batches.pieces([ts, twins], torch.device("cpu"))
     for a, b in pieces:
         assert sum(t.numel() for t in a) <= 10 and [t.numel() for t in a] == [t.numel() for t in b]
     covered = torch.cat([t.reshape(-1) for a, _ in pieces for t in a])
     assert torch.equal(covered, torch.cat(ts))
-    assert len(foreach.pieces([ts, twins], torch.device("meta"))) == 1
+    assert len(_batches.pieces([ts, twins], torch.device("meta"))) == 1

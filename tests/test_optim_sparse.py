@@ -101,7 +101,9 @@ def test_untouched_rows_and_their_slots_never_change():
     init = torch.randn(ROWS, COLS)
     p = nn.Parameter(init.clone())
     opt = po.RMSPropOptimizer([p], 0.01, momentum=0.9)
-    p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3, 3]]), torch.ones(3, COLS), p.shape)
+    p.grad = torch.sparse_coo_tensor(
+        torch.tensor([[1, 3, 3]]), torch.ones(3, COLS), p.shape, check_invariants=True
+    )
     opt.step()
     after_first = p.detach().clone()
     p.grad = torch.sparse_coo_tensor(torch.tensor([[3]]), torch.ones(1, COLS), p.shape)

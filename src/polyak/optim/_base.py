@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -14,7 +15,8 @@ import torch
 
 from polyak.flat import pack
 from polyak.optim._arith import Arith
-from polyak.optim._foreach import Layout, by_device_dtype, pieces
+from polyak.optim._batches import Layout, by_device_dtype, pieces
+from polyak.optim._exact import FRESH, Reused, Temporaries
 from polyak.optim._sparse import as_rows, slices, sum_duplicates
 
 __all__ = ["Flag", "Real", "TFOptimizer"]
@@ -101,6 +103,8 @@ class TFOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self._check_hyper(defaults, None, defaults)
         self._layouts: dict[tuple[int, torch.device, torch.dtype], Layout] = {}
+        self._reused = Reused()  # the CPU pieces' temporaries
+        self._checked: dict[int, list[Any]] = {}  # group -> the values last checked (identity)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ hooks
@@ -117,9 +121,12 @@ class TFOptimizer(torch.optim.Optimizer):
         """The scalars of one step of ``group`` in ``arith``'s dtype, for :meth:`_update`."""
         raise NotImplementedError
 
-    def _update(self, s: Any, params: Tensors, grads: Tensors, *slots: Tensors) -> None:
+    def _update(
+        self, s: Any, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+    ) -> None:
         """One dense step of ``params`` (all of one device and dtype) with ``grads``; ``slots``
-        as :meth:`_slot_fills` names them. Must not modify ``grads``."""
+        as :meth:`_slot_fills` names them; intermediate results from ``tmp``. Must not modify
+        ``grads``."""
         raise NotImplementedError
 
     def _update_sparse(
@@ -143,7 +150,7 @@ class TFOptimizer(torch.optim.Optimizer):
         by default the dense rule, applied to those rows only."""
         v = var.index_select(0, rows)
         picked = [t.index_select(0, rows) for t in slots]
-        self._update(s, [v], [values], *([t] for t in picked))
+        self._update(s, FRESH, [v], [values], *([t] for t in picked))
         var.index_copy_(0, rows, v)
         for t, r in zip(slots, picked):
             t.index_copy_(0, rows, r)
@@ -191,8 +198,13 @@ class TFOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = []
+        checked = self._checked
         for gi, group in enumerate(self.param_groups):
-            self._check_hyper(group, gi)
+            values = [group.get(key) for key in self.rules]
+            seen = checked.get(gi)
+            if seen is None or any(map(operator.is_not, values, seen)):
+                self._check_hyper(group, gi)  # a scheduler or the user may have set it
+                checked[gi] = values
             dense: Tensors = []
             sparse: Tensors = []
             for p in group["params"]:
@@ -224,6 +236,8 @@ class TFOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._layouts = {}
+        self._reused = Reused()
+        self._checked = {}
 
     # ------------------------------------------------------------------ internals
 
@@ -249,8 +263,9 @@ class TFOptimizer(torch.optim.Optimizer):
             if layout is None:
                 layout = self._layouts[(gi, device, dtype)] = Layout()
             s = scalars_for(dtype)
+            tmp = self._reused if device.type == "cpu" else FRESH
             for piece in pieces(layout.merge(lists), device):
-                self._update(s, *piece)
+                self._update(s, tmp, *piece)
         for p in sparse:
             self._update_sparse(scalars_for(p.dtype), p, p.grad, [state[p][n] for n in names])
 

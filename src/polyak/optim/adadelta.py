@@ -8,7 +8,7 @@ import torch
 
 from polyak.optim._arith import Arith
 from polyak.optim._base import FRACTION, NONNEGATIVE, Params, Rule, Tensors, TFOptimizer
-from polyak.optim._foreach import add_scaled_, rsqrt, sqrt
+from polyak.optim._exact import Temporaries, add_scaled_, sqrt
 
 __all__ = ["AdadeltaOptimizer"]
 
@@ -59,12 +59,17 @@ class AdadeltaOptimizer(TFOptimizer):
             arith.hyper(group["lr"]), rho, arith.sub(1.0, rho), arith.hyper(group["epsilon"])
         )
 
-    def _update(self, s: _Scalars, params: Tensors, grads: Tensors, *slots: Tensors) -> None:
+    def _update(
+        self, s: _Scalars, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+    ) -> None:
         accum, accum_update = slots
         torch._foreach_mul_(accum, s.rho)
-        add_scaled_(accum, torch._foreach_mul(grads, grads), s.one_minus_rho)
-        update = sqrt(torch._foreach_add(accum_update, s.epsilon), inplace=True)
-        inverse_root = rsqrt(torch._foreach_add(accum, s.epsilon), inplace=True)
+        add_scaled_(accum, tmp.mul(0, grads, grads), s.one_minus_rho)
+        update = tmp.add(0, accum_update, s.epsilon)
+        sqrt(update, out=update)
+        inverse_root = tmp.add(1, accum, s.epsilon)  # rsqrt as 1 / sqrt, both rounded
+        sqrt(inverse_root, out=inverse_root)
+        torch._foreach_reciprocal_(inverse_root)
         torch._foreach_mul_(update, inverse_root)
         torch._foreach_mul_(update, grads)
         add_scaled_(params, update, -s.lr)

@@ -8,7 +8,7 @@ import torch
 
 from polyak.optim._arith import Arith
 from polyak.optim._base import NONNEGATIVE, POSITIVE, Params, Rule, Tensors, TFOptimizer
-from polyak.optim._foreach import add_scaled_quotient_, rsqrt, sqrt
+from polyak.optim._exact import Temporaries, add_scaled_quotient_, sqrt
 
 __all__ = ["AdagradOptimizer"]
 
@@ -49,11 +49,14 @@ class AdagradOptimizer(TFOptimizer):
     def _scalars(self, group: dict[str, Any], arith: Arith) -> float:
         return arith.hyper(group["lr"])
 
-    def _update(self, lr: float, params: Tensors, grads: Tensors, *slots: Tensors) -> None:
+    def _update(
+        self, lr: float, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+    ) -> None:
         (accum,) = slots
-        torch._foreach_add_(accum, torch._foreach_mul(grads, grads))
-        inverse_root = rsqrt(accum)
-        step = torch._foreach_mul(grads, lr)
+        torch._foreach_add_(accum, tmp.mul(0, grads, grads))
+        inverse_root = tmp.sqrt(0, accum)  # rsqrt as 1 / sqrt, both rounded
+        torch._foreach_reciprocal_(inverse_root)
+        step = tmp.mul(1, grads, lr)
         torch._foreach_mul_(step, inverse_root)
         torch._foreach_sub_(params, step)
 

@@ -8,7 +8,7 @@ import torch
 
 from polyak.optim._arith import Arith, to_float32
 from polyak.optim._base import FRACTION_BELOW_ONE, NONNEGATIVE, Params, Rule, Tensors, TFOptimizer
-from polyak.optim._foreach import add_scaled_, add_scaled_quotient_, sqrt
+from polyak.optim._exact import Temporaries, add_scaled_, add_scaled_quotient_, sqrt
 from polyak.optim._sparse import as_rows, slices, sum_duplicates
 
 __all__ = ["AdamOptimizer"]
@@ -97,13 +97,15 @@ class AdamOptimizer(TFOptimizer):
             alpha, a.sub(1.0, beta1), a.sub(1.0, beta2), a.hyper(group["epsilon"]), beta1, beta2
         )
 
-    def _update(self, s: _Scalars, params: Tensors, grads: Tensors, *slots: Tensors) -> None:
+    def _update(
+        self, s: _Scalars, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+    ) -> None:
         m, v = slots
-        add_scaled_(m, torch._foreach_sub(grads, m), s.one_minus_beta1)
-        delta = torch._foreach_mul(grads, grads)
+        add_scaled_(m, tmp.sub(0, grads, m), s.one_minus_beta1)
+        delta = tmp.mul(0, grads, grads)
         torch._foreach_sub_(delta, v)
         add_scaled_(v, delta, s.one_minus_beta2)
-        denominator = sqrt(v)
+        denominator = tmp.sqrt(0, v)
         torch._foreach_add_(denominator, s.epsilon)
         add_scaled_quotient_(params, m, denominator, -s.alpha)
 

@@ -8,7 +8,7 @@ import torch
 
 from polyak.optim._arith import Arith
 from polyak.optim._base import NONNEGATIVE, POSITIVE, Params, Real, Rule, Tensors, TFOptimizer
-from polyak.optim._foreach import sqrt
+from polyak.optim._exact import FRESH, Temporaries
 
 __all__ = ["FtrlOptimizer"]
 
@@ -112,22 +112,25 @@ class FtrlOptimizer(TFOptimizer):
             select=float(group["initial_accumulator_value"]) == 0.0 and l2 == 0.0,
         )
 
-    def _power(self, s: _Scalars, tensors: Tensors) -> Tensors:
+    def _power(self, s: _Scalars, tmp: Temporaries, k: int, tensors: Tensors) -> Tensors:
+        """``tensors ** p`` into temporary ``k``: TF's sqrt branch for -0.5, else pow."""
         if s.square_root:
-            return sqrt(tensors)
-        return torch._foreach_pow(tensors, s.power)
+            return tmp.sqrt(k, tensors)
+        return tmp.pow(k, tensors, s.power)
 
-    def _update(self, s: _Scalars, params: Tensors, grads: Tensors, *slots: Tensors) -> None:
+    def _update(
+        self, s: _Scalars, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+    ) -> None:
         accum, linear = slots
-        if s.shrinkage:
-            shrunk = torch._foreach_mul(params, s.two_l2_shrinkage)
+        if s.shrinkage:  # g_s = grad + 2 * l2_shrinkage * var
+            shrunk = tmp.mul(0, params, s.two_l2_shrinkage)
             torch._foreach_add_(shrunk, grads)
         else:
             shrunk = grads
         # sigma = (new_accum**p - accum**p) / lr * var, negated (exact) to stay in place.
-        minus_sigma = self._power(s, accum)
-        torch._foreach_add_(accum, torch._foreach_mul(grads, grads))
-        root = self._power(s, accum)
+        minus_sigma = self._power(s, tmp, 1, accum)
+        torch._foreach_add_(accum, tmp.mul(2, grads, grads))
+        root = self._power(s, tmp, 2, accum)
         torch._foreach_sub_(minus_sigma, root)
         torch._foreach_div_(minus_sigma, s.lr)
         torch._foreach_mul_(minus_sigma, params)
@@ -136,7 +139,8 @@ class FtrlOptimizer(TFOptimizer):
         torch._foreach_div_(root, s.lr)  # y = new_accum**p / lr + 2 * l2
         torch._foreach_add_(root, s.two_l2)
         # x = l1 * sign(linear) - linear where |linear| > l1, else (linear - linear) = 0.
-        x = torch._foreach_clamp_max(linear, s.l1)
+        x = tmp.copy(0, linear)
+        torch._foreach_clamp_max_(x, s.l1)
         torch._foreach_clamp_min_(x, -s.l1)
         torch._foreach_sub_(x, linear)
         torch._foreach_div_(x, root)
@@ -161,7 +165,7 @@ class FtrlOptimizer(TFOptimizer):
         g = values + v * s.two_l2_shrinkage if s.shrinkage else values
         new_a = a + values * values
         # TF calls pow here even for power 0.5; the square root is its exact value
-        root, old_root = self._power(s._replace(square_root=s.power == 0.5), [new_a, a])
+        root, old_root = self._power(s._replace(square_root=s.power == 0.5), FRESH, 0, [new_a, a])
         sigma = (root - old_root).div_(s.lr)
         new_lin = (lin + g).sub_(sigma.mul_(v))
         quadratic = root.div_(s.lr).add_(s.two_l2)

@@ -8,7 +8,7 @@ import torch
 
 from polyak.optim._arith import Arith
 from polyak.optim._base import NONNEGATIVE, Params, Rule, Tensors, TFOptimizer
-from polyak.optim._foreach import add_scaled_
+from polyak.optim._exact import Temporaries, add_scaled_
 from polyak.optim._sparse import as_rows, slices
 
 __all__ = ["GradientDescentOptimizer"]
@@ -34,7 +34,9 @@ class GradientDescentOptimizer(TFOptimizer):
     def _scalars(self, group: dict[str, Any], arith: Arith) -> float:
         return arith.hyper(group["lr"])
 
-    def _update(self, lr: float, params: Tensors, grads: Tensors, *slots: Tensors) -> None:
+    def _update(
+        self, lr: float, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+    ) -> None:
         add_scaled_(params, grads, -lr)
 
     def _update_sparse(

@@ -16,7 +16,7 @@ from polyak.optim._base import (
     Tensors,
     TFOptimizer,
 )
-from polyak.optim._foreach import add_scaled_
+from polyak.optim._exact import Temporaries, add_scaled_
 
 __all__ = ["MomentumOptimizer"]
 
@@ -67,15 +67,17 @@ class MomentumOptimizer(TFOptimizer):
         lr, momentum = arith.hyper(group["lr"]), arith.hyper(group["momentum"])
         return _Scalars(lr, momentum, arith.mul(lr, momentum), group["use_nesterov"])
 
-    def _update(self, s: _Scalars, params: Tensors, grads: Tensors, *slots: Tensors) -> None:
+    def _update(
+        self, s: _Scalars, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+    ) -> None:
         (accum,) = slots
         torch._foreach_mul_(accum, s.momentum)
         torch._foreach_add_(accum, grads)
         if not s.nesterov:
             add_scaled_(params, accum, -s.lr)
             return
-        step = torch._foreach_mul(grads, s.lr)
-        add_scaled_(step, torch._foreach_mul(accum, s.momentum), s.lr)
+        step = tmp.mul(0, grads, s.lr)
+        add_scaled_(step, tmp.mul(1, accum, s.momentum), s.lr)
         torch._foreach_sub_(params, step)
 
     def _update_rows(

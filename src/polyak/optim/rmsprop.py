@@ -17,7 +17,7 @@ from polyak.optim._base import (
     Tensors,
     TFOptimizer,
 )
-from polyak.optim._foreach import add_scaled_, add_scaled_quotient_, rsqrt, sqrt
+from polyak.optim._exact import Temporaries, add_scaled_, add_scaled_quotient_, sqrt
 
 __all__ = ["RMSPropOptimizer"]
 
@@ -106,19 +106,21 @@ class RMSPropOptimizer(TFOptimizer):
             group["centered"],
         )
 
-    def _update(self, s: _Scalars, params: Tensors, grads: Tensors, *slots: Tensors) -> None:
+    def _update(
+        self, s: _Scalars, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+    ) -> None:
         rms, mom = slots[0], slots[1]
-        delta = torch._foreach_mul(grads, grads)
+        delta = tmp.mul(0, grads, grads)
         torch._foreach_sub_(delta, rms)
         add_scaled_(rms, delta, s.one_minus_decay)
         if s.centered:
             mg = slots[2]
-            add_scaled_(mg, torch._foreach_sub(grads, mg), s.one_minus_decay)
-            denominator = torch._foreach_sub(rms, torch._foreach_mul(mg, mg))
+            add_scaled_(mg, tmp.sub(0, grads, mg), s.one_minus_decay)
+            denominator = tmp.sub(1, rms, tmp.mul(0, mg, mg))
             torch._foreach_add_(denominator, s.epsilon)
         else:
-            denominator = torch._foreach_add(rms, s.epsilon)
-        sqrt(denominator, inplace=True)
+            denominator = tmp.add(1, rms, s.epsilon)
+        sqrt(denominator, out=denominator)
         torch._foreach_mul_(mom, s.momentum)
         add_scaled_quotient_(mom, grads, denominator, s.lr)
         torch._foreach_sub_(params, mom)
@@ -139,8 +141,8 @@ class RMSPropOptimizer(TFOptimizer):
             mg = picked[2]
             mg.mul_(s.decay).add_(values * s.one_minus_decay)
             denominator.sub_(mg * mg)
-        (scale,) = rsqrt([denominator], inplace=True)
-        scale.mul_(s.lr).mul_(values)
+        (scale,) = sqrt([denominator], out=[denominator])
+        scale.reciprocal_().mul_(s.lr).mul_(values)
         mom.mul_(s.momentum).add_(scale)
         var.index_copy_(0, rows, var.index_select(0, rows).sub_(mom))
         for t, r in zip(slots, picked):
