@@ -255,7 +255,7 @@ def uses_pow(name, kwargs):
     return name == "FtrlOptimizer" and kwargs["learning_rate_power"] != -0.5
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(problems(), st.sampled_from([torch.float32, torch.float64]))
 def test_bitwise_tfs_kernels_op_by_op(problem, dtype):
     name, kwargs = problem[:2]
@@ -269,7 +269,7 @@ def test_bitwise_tfs_kernels_op_by_op(problem, dtype):
         np.testing.assert_array_equal(slots[k], v)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(problems(normal_values))
 def test_float32_close_to_float64_reference(problem):
     """Rounding only: float32 steps stay near the same formulas evaluated in float64."""

@@ -37,18 +37,18 @@ class Real:
     high: float | None = None
     high_open: bool = False
 
-    def problem(self, value: Any) -> str | None:
-        """What is wrong with ``value`` (the requirement it misses), or None."""
+    def problem(self, value: Any) -> tuple[type[Exception], str] | None:
+        """``(error class, the requirement value misses)``, or None if ``value`` is valid."""
         if isinstance(value, torch.Tensor):
-            return "a Python number (a tensor would need a host sync every step)"
+            return TypeError, "a Python number (a tensor would need a host sync every step)"
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            return "a real number"
+            return TypeError, "a real number"
         v = float(value)
         if not math.isfinite(v):
-            return f"finite{self._bounds()}"
+            return ValueError, f"finite{self._bounds()}"
         low_ok = self.low is None or (v > self.low if self.low_open else v >= self.low)
         high_ok = self.high is None or (v < self.high if self.high_open else v <= self.high)
-        return None if low_ok and high_ok else self._bounds().strip(" ,") or "valid"
+        return None if low_ok and high_ok else (ValueError, self._bounds().strip())
 
     def _bounds(self) -> str:
         if self.low is not None and self.high is not None:
@@ -66,8 +66,8 @@ class Real:
 class Flag:
     """A boolean hyper-parameter."""
 
-    def problem(self, value: Any) -> str | None:
-        return None if isinstance(value, bool) else "True or False"
+    def problem(self, value: Any) -> tuple[type[Exception], str] | None:
+        return None if isinstance(value, bool) else (TypeError, "True or False")
 
 
 Rule = Real | Flag
@@ -303,11 +303,11 @@ class TFOptimizer(torch.optim.Optimizer):
             value = values[key]
             problem = rule.problem(value)
             if problem is not None:
+                kind, requirement = problem
                 what = (
                     _ARGUMENT.get(key, key) if group is None else f"{key!r} of param group {group}"
                 )
-                kind = TypeError if problem.startswith(("a ", "True")) else ValueError
-                raise kind(f"{type(self).__name__}: {what} must be {problem}, got {value!r}")
+                raise kind(f"{type(self).__name__}: {what} must be {requirement}, got {value!r}")
 
     def _check_params(self, params: Sequence[Any], group: int) -> None:
         for i, p in enumerate(params):
