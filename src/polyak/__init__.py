@@ -4,6 +4,7 @@ Gradients and their processing, optimizer application with a global step, and av
 ("shadow") weights: exponential moving averages and target networks, at memory speed.
 """
 
+from polyak import optim
 from polyak.averaging import (
     ExponentialMovingAverage,
     IncompatibleKeys,
@@ -40,6 +41,7 @@ __all__ = [
     "flatten_parameters_",
     "global_norm",
     "gradients",
+    "optim",
     "schedules",
     "stop_gradient",
     "transforms",

@@ -1,0 +1,374 @@
+"""What TF1's optimizers share here: argument checks, slots, the foreach step per (device,
+dtype), sparse gradients and state-dict checks. Each optimizer adds its hyper-parameters, its
+slots and its update rule (:meth:`TFOptimizer._update`)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from polyak.flat import pack
+from polyak.optim._arith import Arith
+from polyak.optim._batches import Layout, by_device_dtype, pieces
+from polyak.optim._exact import FRESH, Reused, Temporaries
+from polyak.optim._sparse import as_rows, slices, sum_duplicates
+
+__all__ = ["Flag", "Real", "TFOptimizer"]
+
+Tensors = list[torch.Tensor]
+Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
+
+# Constructor argument names of the group keys that differ from them.
+_ARGUMENT = {"lr": "learning_rate"}
+
+
+@dataclass(frozen=True)
+class Real:
+    """A real-valued hyper-parameter, finite, within optional bounds."""
+
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+    high_open: bool = False
+
+    def problem(self, value: Any) -> tuple[type[Exception], str] | None:
+        """``(error class, the requirement value misses)``, or None if ``value`` is valid."""
+        if isinstance(value, torch.Tensor):
+            return TypeError, "a Python number (a tensor would need a host sync every step)"
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return TypeError, "a real number"
+        v = float(value)
+        if not math.isfinite(v):
+            return ValueError, f"finite{self._bounds()}"
+        low_ok = self.low is None or (v > self.low if self.low_open else v >= self.low)
+        high_ok = self.high is None or (v < self.high if self.high_open else v <= self.high)
+        return None if low_ok and high_ok else (ValueError, self._bounds().strip())
+
+    def _bounds(self) -> str:
+        if self.low is not None and self.high is not None:
+            left = "(" if self.low_open else "["
+            right = ")" if self.high_open else "]"
+            return f" in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f" {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f" {'<' if self.high_open else '<='} {self.high:g}"
+        return ""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A boolean hyper-parameter."""
+
+    def problem(self, value: Any) -> tuple[type[Exception], str] | None:
+        return None if isinstance(value, bool) else (TypeError, "True or False")
+
+
+Rule = Real | Flag
+
+NONNEGATIVE = Real(0.0)
+POSITIVE = Real(0.0, low_open=True)
+FRACTION = Real(0.0, high=1.0)  # [0, 1]
+FRACTION_BELOW_ONE = Real(0.0, high=1.0, high_open=True)  # [0, 1)
+
+
+class TFOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that updates as a TensorFlow 1.x optimizer.
+
+    Subclasses name their hyper-parameters and rules (:attr:`rules`; ``"lr"`` is TF's
+    ``learning_rate``, so LR schedulers find it), their slots (:meth:`_slot_fills`: TF's slot
+    names and initial values) and their update (:meth:`_update`, foreach calls on lists of one
+    device and dtype; TF's op order, each op one rounding). This base:
+
+    - checks every hyper-parameter at construction, in :meth:`add_param_group`, and before each
+      step (a scheduler may have set it), raising ``ValueError``/``TypeError`` that names it,
+      before anything changes; parameters must be real floating-point tensors;
+    - creates slots when a parameter first has a gradient, packed in parameter order into one
+      buffer per (device, dtype), so parameters flattened by :func:`polyak.flatten_parameters_`
+      get flat slots and each update runs one kernel per buffer;
+    - steps each param group per (device, dtype) with scalars rounded as TF's kernels round them
+      (:class:`~polyak.optim._arith.Arith`), computed on the host: no per-step host sync;
+    - hands sparse COO gradients to :meth:`_update_sparse` (TF's ``_apply_sparse``);
+    - refuses a state dict that is not of its own kind, naming what differs.
+    """
+
+    rules: ClassVar[dict[str, Rule]]
+
+    def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
+        self._check_hyper(defaults, None, defaults)
+        self._layouts: dict[tuple[int, torch.device, torch.dtype], Layout] = {}
+        self._reused = Reused()  # the CPU pieces' temporaries
+        self._checked: dict[int, list[Any]] = {}  # group -> the values last checked (identity)
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ hooks
+
+    def _slot_fills(self, group: Mapping[str, Any]) -> dict[str, float]:
+        """TF's slots of a variable in ``group``: name -> initial value, in creation order."""
+        return {}
+
+    def _derived(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """Group entries derived from the hyper-parameters when absent (Adam's powers)."""
+        return {}
+
+    def _scalars(self, group: Mapping[str, Any], arith: Arith) -> Any:
+        """The scalars of one step of ``group`` in ``arith``'s dtype, for :meth:`_update`."""
+        raise NotImplementedError
+
+    def _update(
+        self, s: Any, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+    ) -> None:
+        """One dense step of ``params`` (all of one device and dtype) with ``grads``; ``slots``
+        as :meth:`_slot_fills` names them; intermediate results from ``tmp``. Must not modify
+        ``grads``."""
+        raise NotImplementedError
+
+    def _update_sparse(
+        self, s: Any, param: torch.Tensor, grad: torch.Tensor, slots: Tensors
+    ) -> None:
+        """TF1's ``_apply_sparse`` (the default: duplicates summed, then
+        :meth:`_update_rows` on the touched rows)."""
+        k = grad.sparse_dim()
+        rows, values = sum_duplicates(*slices(grad))
+        self._update_rows(s, as_rows(param, k), rows, values, [as_rows(t, k) for t in slots])
+
+    def _update_rows(
+        self,
+        s: Any,
+        var: torch.Tensor,
+        rows: torch.Tensor,
+        values: torch.Tensor,
+        slots: Tensors,
+    ) -> None:
+        """TF's ``SparseApply*`` kernel on distinct ``rows`` of ``var`` (and of its slots):
+        by default the dense rule, applied to those rows only."""
+        v = var.index_select(0, rows)
+        picked = [t.index_select(0, rows) for t in slots]
+        self._update(s, FRESH, [v], [values], *([t] for t in picked))
+        var.index_copy_(0, rows, v)
+        for t, r in zip(slots, picked):
+            t.index_copy_(0, rows, r)
+
+    def _after_step(self) -> None:
+        """Once per step that updated anything, after the updates (TF's ``_finish``)."""
+
+    # ------------------------------------------------------------------ torch API
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, Mapping):
+            raise TypeError(
+                f"{type(self).__name__}: a param group must be a dict, got "
+                f"{type(param_group).__name__}"
+            )
+        if "learning_rate" in param_group:
+            raise ValueError(
+                f"{type(self).__name__}: param groups name the learning rate 'lr' (as torch's "
+                "LR schedulers read it); rename the 'learning_rate' key"
+            )
+        group = dict(param_group)
+        raw = group.get("params")
+        if raw is not None and not isinstance(raw, (torch.Tensor, list, tuple, set)):
+            group["params"] = raw = list(raw)  # a generator: read it once
+        index = len(self.param_groups)
+        filled = {**self.defaults, **{k: v for k, v in group.items() if k != "params"}}
+        self._check_hyper(filled, index, self.defaults)
+        for key, value in self._derived(filled).items():
+            group.setdefault(key, value)
+            filled.setdefault(key, value)
+        self._check_hyper(filled, index)
+        if raw is not None:
+            items = [raw] if isinstance(raw, torch.Tensor) else raw
+            self._check_params(
+                [x[1] if isinstance(x, tuple) and len(x) == 2 else x for x in items], index
+            )
+        super().add_param_group(group)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One update of every parameter that has a gradient (``.grad``, dense or sparse COO);
+        the others and their slots keep their values. Returns ``closure()`` if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        checked = self._checked
+        for gi, group in enumerate(self.param_groups):
+            values = [group.get(key) for key in self.rules]
+            seen = checked.get(gi)
+            if seen is None or any(map(operator.is_not, values, seen)):
+                self._check_hyper(group, gi)  # a scheduler or the user may have set it
+                checked[gi] = values
+            dense: Tensors = []
+            sparse: Tensors = []
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.layout is torch.strided:
+                    dense.append(p)
+                else:
+                    self._check_sparse(p, gi)  # .grad accepts sparse COO only
+                    sparse.append(p)
+            if dense or sparse:
+                work.append((gi, group, dense, sparse))
+        if not work:
+            return loss
+        for gi, group, dense, sparse in work:
+            self._step_group(gi, group, dense, sparse)
+        self._after_step()
+        return loss
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """torch's ``load_state_dict``, after checking that ``state_dict`` is one of this
+        optimizer's kind for these parameters (else ``ValueError``, nothing loaded)."""
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # type: ignore[arg-type]
+        self._layouts.clear()
+        self._repack_slots()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._layouts = {}
+        self._reused = Reused()
+        self._checked = {}
+
+    # ------------------------------------------------------------------ internals
+
+    def _step_group(self, gi: int, group: dict[str, Any], dense: Tensors, sparse: Tensors) -> None:
+        fills = self._slot_fills(group)
+        names = list(fills)
+        if names:
+            self._create_slots(dense + sparse, fills)
+        state = self.state
+        scalars: dict[torch.dtype, Any] = {}
+
+        def scalars_for(dtype: torch.dtype) -> Any:
+            s = scalars.get(dtype)
+            if s is None:
+                s = scalars[dtype] = self._scalars(group, Arith(dtype))
+            return s
+
+        for (device, dtype), idx in by_device_dtype(dense).items():
+            ps = [dense[i] for i in idx]
+            lists = [ps, [p.grad for p in ps]]
+            lists += [[state[p][n] for p in ps] for n in names]
+            layout = self._layouts.get((gi, device, dtype))
+            if layout is None:
+                layout = self._layouts[(gi, device, dtype)] = Layout()
+            s = scalars_for(dtype)
+            tmp = self._reused if device.type == "cpu" else FRESH
+            for piece in pieces(layout.merge(lists), device):
+                self._update(s, tmp, *piece)
+        for p in sparse:
+            self._update_sparse(scalars_for(p.dtype), p, p.grad, [state[p][n] for n in names])
+
+    def _create_slots(self, params: Tensors, fills: dict[str, float]) -> None:
+        state = self.state
+        for name, value in fills.items():
+            need = [p for p in params if name not in state[p]]
+            if not need:
+                continue
+            for p, slot in zip(need, pack([(p.shape, p.dtype, p.device) for p in need])):
+                state[p][name] = slot.fill_(value)
+
+    def _repack_slots(self) -> None:
+        """Give loaded slots storage of their own, packed per group as :meth:`_create_slots`
+        packs them (torch's load aliases the state dict's tensors and keeps their layout)."""
+        state = self.state
+        for group in self.param_groups:
+            params = [p for p in group["params"] if state.get(p)]
+            for name in self._slot_fills(group):
+                fresh = pack([(p.shape, p.dtype, p.device) for p in params])
+                for p, slot in zip(params, fresh):
+                    state[p][name] = slot.copy_(state[p][name])
+
+    def _check_hyper(
+        self, values: Mapping[str, Any], group: int | None, keys: Iterable[str] | None = None
+    ) -> None:
+        """Raise if any of ``keys`` (default: all :attr:`rules`) of ``values`` is missing or
+        breaks its rule; ``group`` None means constructor arguments."""
+        for key in self.rules if keys is None else keys:
+            rule = self.rules.get(key)
+            if rule is None:
+                continue
+            if key not in values:
+                raise ValueError(f"{type(self).__name__}: param group {group} has no {key!r}")
+            value = values[key]
+            problem = rule.problem(value)
+            if problem is not None:
+                kind, requirement = problem
+                what = (
+                    _ARGUMENT.get(key, key) if group is None else f"{key!r} of param group {group}"
+                )
+                raise kind(f"{type(self).__name__}: {what} must be {requirement}, got {value!r}")
+
+    def _check_params(self, params: Sequence[Any], group: int) -> None:
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                continue  # torch's add_param_group names it
+            if p.is_complex() or not p.is_floating_point():
+                raise TypeError(
+                    f"{type(self).__name__}: parameter {i} of param group {group} is {p.dtype}; "
+                    "TF1's update rules are defined here for real floating-point tensors only "
+                    "(view a complex parameter as real pairs with torch.view_as_real)"
+                )
+
+    def _check_sparse(self, p: torch.Tensor, group: int) -> None:
+        if not p.is_contiguous():
+            raise ValueError(
+                f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} in param group "
+                f"{group} has a sparse gradient but is not contiguous; its rows must be "
+                "addressable in place (param.data = param.data.contiguous())"
+            )
+
+    def _check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        name = type(self).__name__
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(
+                f"{name}.load_state_dict: expected the output of {name}.state_dict() "
+                "({'state': ..., 'param_groups': [...]})"
+            )
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"{name}.load_state_dict: the state dict has {len(groups)} param groups, this "
+                f"optimizer {len(self.param_groups)}"
+            )
+        for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            missing = [k for k in self.rules if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"{name}.load_state_dict: param group {gi} has no {missing}: not a state "
+                    f"dict of {name} (its keys: {sorted(k for k in saved if k != 'params')})"
+                )
+            self._check_hyper(saved, gi)
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(
+                    f"{name}.load_state_dict: param group {gi} has {len(saved['params'])} "
+                    f"parameters in the state dict, {len(mine['params'])} here"
+                )
+            expected = set(self._slot_fills(saved))
+            for key, p in zip(saved["params"], mine["params"]):
+                entry = state_dict["state"].get(key)
+                if entry is None:
+                    continue
+                if set(entry) != expected:
+                    raise ValueError(
+                        f"{name}.load_state_dict: the state of parameter {key} has "
+                        f"{sorted(entry)}, expected the slots {sorted(expected)} (a state dict "
+                        "of another optimizer?)"
+                    )
+                for slot, t in entry.items():
+                    if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                        raise ValueError(
+                            f"{name}.load_state_dict: slot {slot!r} of parameter {key} is "
+                            f"{getattr(t, 'shape', type(t).__name__)}, expected a tensor of "
+                            f"shape {tuple(p.shape)}"
+                        )
