@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from polyak import ExponentialMovingAverage
-from polyak.gradients.global_step import GlobalStep
+from polyak.step import GlobalStep
 
 EMA = ExponentialMovingAverage
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import polyak
-from polyak.gradients.global_step import GlobalStep
+from polyak.step import GlobalStep
 
 
 def tf_assign_moving_average(shadow, value, decay, num_updates=None):

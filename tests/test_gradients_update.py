@@ -12,8 +12,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import polyak
 from polyak import transforms as T
-from polyak.gradients import _update
-from polyak.gradients._update import functional_update
+from polyak.grad import _update
+from polyak.grad._update import functional_update
 
 OPTIMIZERS = {
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),

@@ -31,6 +31,7 @@ __all__ = [
     "has_grad_slot",
     "landed_gradients",
     "pack",
+    "pack_like",
     "runs",
     "span",
 ]
@@ -65,6 +66,18 @@ def pack(
         offsets[key] = start + math.prod(shape)
         views.append(buffers[key][start : offsets[key]].view(shape))
     return views
+
+
+def pack_like(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """New uninitialised tensors shaped, typed and placed like the dense ``tensors``: the views
+    of :func:`pack`, so they coalesce into one span per buffer. Sparse entries are passed
+    through as they are (a gradient list may hold both)."""
+    dense = [i for i, t in enumerate(tensors) if not t.is_sparse]
+    out = list(tensors)
+    views = pack([(tensors[i].shape, tensors[i].dtype, tensors[i].device) for i in dense])
+    for i, view in zip(dense, views):
+        out[i] = view
+    return out
 
 
 def flatten_parameters_(module: nn.Module, *, grads: bool = True) -> nn.Module:

@@ -43,7 +43,7 @@ from polyak._checks import (
 )
 from polyak.averaging.names import BufferPolicy, canonical_name, module_tensors, tensor_owners
 from polyak.flat import coalesce, pack
-from polyak.gradients.global_step import GlobalStep
+from polyak.step import GlobalStep
 
 __all__ = ["ExponentialMovingAverage", "IncompatibleKeys"]
 

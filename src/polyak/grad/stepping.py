@@ -20,7 +20,7 @@ without a gradient, memory that is no longer contiguous, a new ``inner.state``
 host, which syncs if that state lives on an accelerator: capturable or fused optimizers).
 
 Either way, a group whose state exists is stepped through torch's functional update rather
-than ``Optimizer.step`` (:mod:`polyak.gradients._update`: the same bits, without step's
+than ``Optimizer.step`` (:mod:`polyak.grad._update`: the same bits, without step's
 wrapper) unless hooks, an LR scheduler or the group's settings need ``step`` itself.
 """
 
@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from polyak.flat import coalesce, span
-from polyak.gradients._buffers import RunCache
-from polyak.gradients._update import functional_update
+from polyak.grad._buffers import RunCache
+from polyak.grad._update import functional_update
 
 __all__ = ["InnerStepper"]
 

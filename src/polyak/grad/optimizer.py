@@ -12,17 +12,17 @@ from torch import nn
 
 from polyak._checks import check_mapping
 from polyak.flat import has_grad_slot, landed_gradients
-from polyak.gradients._buffers import CopyBuffer, RunCache, flat_copy
-from polyak.gradients.functional import as_tensor_list, gradients
-from polyak.gradients.global_step import GlobalStep
-from polyak.gradients.stepping import InnerStepper
-from polyak.gradients.transforms import (
+from polyak.grad._buffers import CopyBuffer, RunCache
+from polyak.grad.functional import as_tensor_list, gradients
+from polyak.grad.stepping import InnerStepper
+from polyak.grad.transforms import (
     GradientStep,
     Transform,
     chain,
     checked_state,
     set_states,
 )
+from polyak.step import GlobalStep
 
 __all__ = ["Optimizer"]
 
@@ -135,7 +135,7 @@ class Optimizer:
             self._no_gradients([v for _, v in pairs])
         runs = None
         if self._has_transforms():
-            grads, runs = flat_copy(grads, self._copies)  # never edit the caller's tensors
+            grads, runs = self._copies.copy(grads)  # never edit the caller's tensors
         self._apply(params, grads, global_step, runs)
 
     def minimize(

@@ -1,4 +1,5 @@
-"""Grouping helpers shared by the optimizer and the transforms."""
+"""Per-step buffers of the optimizer and the transforms: copies of gradients, and the merged
+runs of a list of gradients remembered while their memory stays where it was."""
 
 from __future__ import annotations
 
@@ -7,104 +8,71 @@ from collections.abc import Sequence
 
 import torch
 
-from polyak.flat import runs, span
+from polyak.flat import pack_like, runs, span
 
-__all__ = ["CopyBuffer", "RunCache", "dense_groups", "flat_copy", "flat_like"]
+__all__ = ["CopyBuffer", "RunCache"]
 
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _nbytes = operator.attrgetter("nbytes")
 
 
-def dense_groups(
-    tensors: Sequence[torch.Tensor],
-) -> dict[tuple[torch.device, torch.dtype], list[int]]:
-    """Indices of the dense tensors, grouped by (device, dtype), in order."""
-    out: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        if not t.is_sparse:
-            out.setdefault((t.device, t.dtype), []).append(i)
-    return out
-
-
-def flat_like(tensors: Sequence[torch.Tensor], *, copy: bool) -> list[torch.Tensor]:
-    """New tensors shaped like the dense ``tensors`` (their values with ``copy``, else
-    uninitialised), as views of one buffer per (device, dtype) so that they coalesce into one
-    kernel per buffer. Sparse entries are passed through as they are."""
-    out = list(tensors)
-    for (device, dtype), idx in dense_groups(tensors).items():
-        if copy:
-            buf = torch.cat([tensors[i].reshape(-1) for i in idx])
-        else:
-            buf = torch.empty(sum(tensors[i].numel() for i in idx), device=device, dtype=dtype)
-        for i, piece in zip(idx, buf.split([tensors[i].numel() for i in idx])):
-            out[i] = piece.view(tensors[i].shape)
-    return out
-
-
-def flat_copy(
-    tensors: Sequence[torch.Tensor], scratch: CopyBuffer | None = None
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """``flat_like(tensors, copy=True)`` in few C++ calls, and the merged runs of the copies
-    when they are a single buffer (else ``None``: let ``coalesce`` find them).
-
-    With ``scratch``, the buffer of an earlier call is reused when the tensors have the same
-    shapes, dtype and device and nothing but ``scratch`` still refers to it (a fresh buffer of
-    13 MB cost 3,000 page faults per step on Linux; see docs/performance.md).
-    """
-    if scratch is not None:
-        reused = scratch.copy(tensors)
-        if reused is not None:
-            return reused
-    groups = dense_groups(tensors)
-    out = list(tensors)
-    buffers: list[torch.Tensor | None] = []
-    with torch.no_grad():
-        for idx in groups.values():
-            members = [tensors[i] for i in idx]
-            if len(members) > 1 and all(t.numel() for t in members):
-                # cat of the flattened tensors, then shaped views of the result (a fresh buffer).
-                buf = torch._C._nn.flatten_dense_tensors(members)
-                views = torch._C._nn.unflatten_dense_tensors(buf, members)
-            else:  # one tensor (flatten would return it, not a copy) or empty ones
-                buf, views = None, flat_like(members, copy=True)
-            for i, v in zip(idx, views):
-                out[i] = v
-            buffers.append(buf)
-    if len(buffers) == 1 and buffers[0] is not None:
-        if scratch is not None and len(out) == len(groups[next(iter(groups))]):
-            scratch.keep(buffers[0], out)
-        return out, [buffers[0]]
-    return out, None
-
-
 class CopyBuffer:
-    """The buffer of :func:`flat_copy`'s last single-buffer copy, for reuse."""
+    """Copies of gradients in flat buffers (:func:`polyak.flat.pack_like`), reusing the last
+    step's buffer while nothing else refers to it.
 
-    __slots__ = ("_buf", "_key", "_views")
+    A fresh buffer every step page-faults its memory in every step (docs/performance.md), so
+    the copies of one step go into the memory of the previous one when the gradients have the
+    same shapes, dtype and device and the last copies were dropped.
+    """
+
+    __slots__ = ("_buf", "_key", "_own", "_views")
 
     def __init__(self) -> None:
         self._buf: torch.Tensor | None = None
         self._views: list[torch.Tensor] = []
         self._key: tuple = ()
-
-    def keep(self, buf: torch.Tensor, views: list[torch.Tensor]) -> None:
-        self._buf, self._views = buf, list(views)
-        self._key = _copy_key(views)
+        self._own = 0  # references to the buffer's storage that are ours
 
     def copy(
+        self, tensors: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Copies of ``tensors`` (sparse ones passed through as they are), and the copies'
+        merged runs when the dense ones share one buffer (else ``None``: let
+        :func:`polyak.flat.coalesce` find them)."""
+        reused = self._reuse(tensors)
+        if reused is not None:
+            return reused
+        out = pack_like(tensors)
+        dense = [i for i, t in enumerate(tensors) if not t.is_sparse]
+        copies = [out[i] for i in dense]
+        _copy_each(copies, [tensors[i] for i in dense])
+        if len(copies) < 2 or len(runs(copies)) != 1:
+            return out, None
+        whole = span(copies, 0, len(copies))
+        own = _storage_use_count(whole)  # the returned copies are these same views
+        if len(copies) == len(out) and own > 0:
+            self._buf, self._views, self._key, self._own = whole, copies, _copy_key(copies), own
+        return out, [whole]
+
+    def _reuse(
         self, tensors: Sequence[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         buf = self._buf
         if buf is None or len(tensors) != len(self._views) or _copy_key(tensors) != self._key:
             return None
-        # Our own references: the buffer, its views, and the temporary storage object.
-        if _storage_use_count(buf) != len(self._views) + 2:
+        if _storage_use_count(buf) != self._own:
             self._buf, self._views = None, []  # someone kept the last step's gradients
             return None
-        with torch.no_grad():
-            torch._foreach_copy_(self._views, list(tensors))
+        _copy_each(self._views, list(tensors))
         return list(self._views), [buf]
+
+
+def _copy_each(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    if not targets:
+        return
+    with torch.no_grad():
+        torch._foreach_copy_(targets, sources)
 
 
 def _copy_key(tensors: Sequence[torch.Tensor]) -> tuple:
