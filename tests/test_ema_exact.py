@@ -98,7 +98,7 @@ def test_global_step_around_saturation_bitwise(decay):
 
 
 def test_num_updates_ratio_matches_float32_for_large_counts():
-    from polyak.averaging.ema import _num_updates_ratio
+    from polyak.averaging.decay import num_updates_ratio as _num_updates_ratio
 
     for n in [0, 1, 9, 10**6, 2**24 - 17, 2**24 - 1, 2**24 + 1, 2**31 + 12345]:
         n32 = np.float32(n)
