@@ -54,7 +54,7 @@ from polyak.rl.checkpoint import (
     set_rng_state,
 )
 from polyak.rl.config import RunConfig, config_diff
-from polyak.rl.logging import MetricsLogger, Progress
+from polyak.rl.logging import MetricsLogger, Progress, eval_columns
 from polyak.rl.replay import ReplayBuffer
 from polyak.rl.spaces import check_box_actions, check_discrete_actions, check_observations
 
@@ -324,7 +324,7 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
                     agent, codec, config.env, config.eval_episodes, _eval_seed(config)
                 )
                 validation = float(np.mean(returns))
-                logger.log(step, eval_return=validation)
+                logger.log(step, **eval_columns(returns))
                 if config.keep_best:
                     best.offer(step, validation, agent.policy_network())
                 clock.start()
@@ -341,7 +341,7 @@ def train(config: RunConfig, run_dir: str | Path, *, progress: bool = True) -> d
 
     returns = evaluate(agent, codec, config.env, config.eval_episodes, _eval_seed(config))
     final = float(np.mean(returns))
-    logger.log(config.total_steps, eval_return=final)
+    logger.log(config.total_steps, **eval_columns(returns))
     logger.close()
     chosen: dict[str, Any] = {}
     if config.keep_best:
