@@ -91,8 +91,8 @@ class _StudyDQN(EvaluatingDQN):
             self.averages[name] = ema
         self.curves: dict[str, list[float]] = {"online": []} | {n: [] for n in self.averages}
 
-    def _gradient_step(self, obs, actions, y):
-        losses = super()._gradient_step(obs, actions, y)
+    def train_step(self, batch, y=None):
+        losses = super().train_step(batch, y)
         for ema in self.averages.values():
             ema.update()
         return losses

@@ -271,9 +271,12 @@ def test_plot_draws_one_curve_per_experiment(two_runs, tmp_path, monkeypatch):
     assert _train(tmp_path / "gamma", "--set", "gamma=0.5") == 0
     labels = []
     real_plot = Axes.plot
-    monkeypatch.setattr(
-        Axes, "plot", lambda self, *a, **kw: labels.append(kw["label"]) or real_plot(self, *a, **kw)
-    )
+    def plot(self, *a, **kw):
+        if kw.get("gid") == "episode_return_smoothed":  # one training-return curve per group
+            labels.append(kw["label"].split(": ")[0])
+        return real_plot(self, *a, **kw)
+
+    monkeypatch.setattr(Axes, "plot", plot)
     runs = [str(cartpole), str(tmp_path / "seed1"), str(tmp_path / "gamma")]
     assert main(["plot", *runs, "-o", str(tmp_path / "out.png")]) == 0
     assert labels == [

@@ -26,8 +26,8 @@ __all__ = ["Agent", "adam"]
 def adam(params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
     """``torch.optim.Adam``, fused (one kernel per step) where the device supports it.
 
-    Same update rule as the default implementation; on CPU it is about a quarter faster for the
-    agents' small networks, where the optimizer step is a large share of a gradient step.
+    Same update rule as the default implementation, in fewer kernels: on the agents' small
+    networks the optimizer step is a large share of a gradient step (docs/performance.md).
     """
     params = list(params)
     try:

@@ -1,4 +1,4 @@
-"""DDPG (Lillicrap et al. 2016), written the way the seed writes it in TensorFlow.
+"""DDPG (Lillicrap et al. 2016, Algorithm 1), with TF1's weight-update calls.
 
 Per gradient step, on a batch ``(s, a, r, s', terminated)`` of size ``N``:
 
@@ -7,7 +7,7 @@ Critic (regression onto a frozen target)::
     y = stop_gradient(r + gamma * (1 - terminated) * Q'(s', mu'(s')))
     L = mean((Q(s, a) - y)^2)                       # + L2 weight decay on Q's weights
 
-Actor (deterministic policy gradient, the seed's two-step ``tf.gradients`` form)::
+Actor (the deterministic policy gradient, in the two-step ``tf.gradients`` form)::
 
     dQ/da    = gradients(Q(s, mu(s)), a)            # [N, action_dim], no step on Q's weights
     g_theta  = gradients(mu(s), theta, grad_ys=-dQ/da / N)
@@ -19,12 +19,13 @@ TF equivalent: ``q_gradient = tf.gradients(q, action_input)`` then
 ``optimizer.apply_gradients``. Nothing flows back into the critic's weights: the first call
 differentiates with respect to the action only, the second through the actor only.
 
-Targets (Polyak averaging, the seed's ``ExponentialMovingAverage(decay=1 - TAU)``)::
+Targets (Polyak averaging, TF's ``ExponentialMovingAverage(decay=1 - tau)`` applied to the online
+networks' variables), after every gradient step::
 
     theta' <- (1 - tau) theta' + tau theta          # polyak.TargetNetwork(net, tau=tau)
 
 Exploration: ``a = clip(mu(s) + noise, -1, 1)`` in the normalized action box, noise Gaussian or
-Ornstein-Uhlenbeck. TD3 (``polyak.rl.td3``) subclasses :class:`DDPG` and reuses
+Ornstein-Uhlenbeck (the paper's). TD3 (``polyak.rl.td3``) subclasses :class:`DDPG` and reuses
 :func:`deterministic_policy_gradient_step`.
 """
 
@@ -39,22 +40,11 @@ import polyak
 from polyak.rl.agent import Agent, adam
 from polyak.rl.config import DDPGConfig
 from polyak.rl.networks import Actor, Critic
-from polyak.rl.noise import ActionNoise, make_noise
+from polyak.rl.noise import make_noise
 from polyak.rl.replay import Batch
 from polyak.rl.validation import validate_config
 
-__all__ = ["DDPG", "act_deterministic", "deterministic_policy_gradient_step"]
-
-
-def act_deterministic(
-    agent: Agent, actor: nn.Module, obs: np.ndarray, noise: ActionNoise | None
-) -> np.ndarray:
-    """``clip(mu(s) + noise, -1, 1)`` for one observation, as a NumPy vector."""
-    with torch.no_grad():
-        action = actor(agent.obs_tensor(obs))[0].cpu().numpy()
-    if noise is not None:
-        action = np.clip(action + noise(), -1.0, 1.0)
-    return action
+__all__ = ["DDPG", "deterministic_policy_gradient_step"]
 
 
 def deterministic_policy_gradient_step(
@@ -64,7 +54,7 @@ def deterministic_policy_gradient_step(
     obs: torch.Tensor,
     global_step: polyak.GlobalStep,
 ) -> torch.Tensor:
-    """One actor step by the seed's recipe; returns the actor loss ``-mean Q(s, mu(s))``.
+    """One actor step, ``theta -= lr * grad(-mean Q(s, mu(s)))``; returns that loss.
 
     ``dQ/da`` comes from ``polyak.gradients(Q, a)`` and is fed as ``grad_ys`` (the chain rule's
     upstream factor) to ``polyak.gradients(a, theta)``; the result is applied with
@@ -80,7 +70,7 @@ def deterministic_policy_gradient_step(
 
 
 class DDPG(Agent):
-    """DDPG with the seed's critic (the action joins at the second layer).
+    """DDPG with the paper's critic (the action joins at the second layer).
 
     TD3 (:class:`polyak.rl.td3.TD3`) subclasses it: same actor, optimizers, targets and
     exploration, with ``critic_class`` set to a twin critic and its own ``train_step``.
@@ -115,25 +105,38 @@ class DDPG(Agent):
         )
 
     def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
-        return act_deterministic(self, self.actor, obs, self.noise if explore else None)
+        """``clip(mu(s) + noise, -1, 1)`` when exploring, ``mu(s)`` otherwise."""
+        with torch.no_grad():
+            action = self.actor(self.obs_tensor(obs))[0].cpu().numpy()
+        if explore and self.noise is not None:
+            action = np.clip(action + self.noise(), -1.0, 1.0)
+        return action
 
     def on_episode_start(self) -> None:
         if self.noise is not None:
             self.noise.reset()
 
+    def td_target(self, batch: Batch) -> torch.Tensor:
+        """``stop_gradient(r + gamma * (1 - terminated) * Q'(s', mu'(s')))``."""
+        next_q = self.critic_target.module(batch.next_obs, self.actor_target.module(batch.next_obs))
+        return polyak.stop_gradient(
+            batch.rewards + self.config.gamma * (1.0 - batch.terminated) * next_q
+        )
+
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        gamma = self.config.gamma
-        q_next = self.critic_target.module(batch.next_obs, self.actor_target.module(batch.next_obs))
-        y = polyak.stop_gradient(batch.rewards + gamma * (1.0 - batch.terminated) * q_next)
+        y = self.td_target(batch)
         critic_loss = F.mse_loss(self.critic(batch.obs, batch.actions), y)
         self.critic_opt.minimize(critic_loss, global_step=self.critic_step)
-
         actor_loss = deterministic_policy_gradient_step(
             self.actor, self.critic, self.actor_opt, batch.obs, self.actor_step
         )
+        self.update_targets()
+        return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss}
+
+    def update_targets(self) -> None:
+        """``theta' <- (1 - tau) theta' + tau theta`` for the actor and the critic."""
         self.actor_target.update()
         self.critic_target.update()
-        return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss}
 
     def networks(self) -> dict[str, nn.Module]:
         return {

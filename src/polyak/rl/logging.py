@@ -4,11 +4,14 @@ and the live progress bar.
 ``metrics.csv`` is one sparse table, one row per event, empty cells where a column does not
 apply::
 
-    step, episode_return, episode_length, eval_return, <the agent's losses>...
+    step, episode_return, episode_length, eval_return, <the agent's losses>...,
+    eval_return_std, eval_return_min, eval_return_max
 
 - an episode end fills ``episode_return`` and ``episode_length``;
 - every ``log_every`` steps a row holds the latest losses;
-- each evaluation fills ``eval_return`` (mean over its deterministic episodes).
+- each evaluation fills ``eval_return`` (mean over its deterministic episodes) and the spread
+  of the episodes' returns (:func:`eval_columns`; population std, as ``final_eval_std``). These
+  three come last, after the losses, so every earlier column keeps its position.
 
 A value that is NaN or infinite (a diverged loss, an environment's NaN reward) leaves its cell
 empty: CSV readers disagree on ``nan``/``inf`` tokens. The logger counts such values per column
@@ -32,9 +35,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "Progress", "read_metrics"]
+import numpy as np
+
+__all__ = ["MetricsLogger", "Progress", "eval_columns", "read_metrics"]
 
 BASE_COLUMNS = ("step", "episode_return", "episode_length", "eval_return")
+EVAL_SPREAD_COLUMNS = ("eval_return_std", "eval_return_min", "eval_return_max")
+
+
+def eval_columns(returns: Sequence[float]) -> dict[str, float]:
+    """An evaluation's row: the mean of its episodes' returns and their spread."""
+    return {
+        "eval_return": float(np.mean(returns)),
+        "eval_return_std": float(np.std(returns)),
+        "eval_return_min": float(np.min(returns)),
+        "eval_return_max": float(np.max(returns)),
+    }
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, str]]:
@@ -62,7 +78,7 @@ class MetricsLogger:
         checkpoint) is dropped on resume, as it is logged again when the run ends.
         ``nonfinite``: the count of the rows kept, from the checkpoint (see :attr:`nonfinite`).
         """
-        self.columns = [*BASE_COLUMNS, *loss_keys]
+        self.columns = [*BASE_COLUMNS, *loss_keys, *EVAL_SPREAD_COLUMNS]
         # column -> [number of NaN/infinite values left out, step of the first one]
         self.nonfinite: dict[str, list[int]] = {k: list(v) for k, v in (nonfinite or {}).items()}
         self.path = run_dir / "metrics.csv"

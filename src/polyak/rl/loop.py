@@ -55,7 +55,7 @@ from polyak.rl.checkpoint import (
     set_rng_state,
 )
 from polyak.rl.config import RunConfig
-from polyak.rl.logging import MetricsLogger, Progress
+from polyak.rl.logging import MetricsLogger, Progress, eval_columns
 from polyak.rl.replay import ReplayBuffer
 from polyak.rl.rundir import (
     ConfigMismatchError,
@@ -373,7 +373,7 @@ def _train_locked(
                     agent, codec, config.env, config.eval_episodes, _eval_seed(config)
                 )
                 validation = float(np.mean(returns))
-                logger.log(step, eval_return=validation)
+                logger.log(step, **eval_columns(returns))
                 if config.keep_best:
                     best.offer(step, validation, agent.policy_network())
                 clock.start()
@@ -389,7 +389,7 @@ def _train_locked(
 
     returns = evaluate(agent, codec, config.env, config.eval_episodes, _eval_seed(config))
     final = float(np.mean(returns))
-    logger.log(config.total_steps, eval_return=final)
+    logger.log(config.total_steps, **eval_columns(returns))
     logger.close()
     chosen: dict[str, Any] = {}
     if config.keep_best:

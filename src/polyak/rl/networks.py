@@ -26,8 +26,8 @@ def _relu_mlp(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
     # Indexing, not ``layers[:-1]``: slicing a ModuleList builds a new module on every call,
     # which costs more than the forward pass itself for one observation. ``F.linear`` on the
     # layer's own weights is exactly ``layer(x)`` without the module-call machinery (hooks are
-    # not used on these layers), which is a few microseconds per layer: a visible share of
-    # acting on one observation and of the small DQN networks' gradient steps.
+    # not used on these layers), whose per-call cost is a visible share of acting on one
+    # observation and of a small network's gradient step.
     last = len(layers) - 1
     for i, layer in enumerate(layers):
         x = F.linear(x, layer.weight, layer.bias)
@@ -59,8 +59,9 @@ class Actor(nn.Module):
 class Critic(nn.Module):
     """Action-value ``Q(s, a)``; the action joins after ``action_layer`` hidden layers.
 
-    ``action_layer=1`` is the seed's (and the DDPG paper's) critic, written as the seed writes
-    it: ``h1 = relu(s W1 + b1)``, ``h2 = relu(h1 W2 + a W3 + b2)``, ``Q = h2 W4 + b4``.
+    ``action_layer=1`` is the DDPG paper's critic ("actions were not included until the 2nd
+    hidden layer of Q"), written as TF1 implementations write it: ``h1 = relu(s W1 + b1)``,
+    ``h2 = relu(h1 W2 + a W3 + b2)``, ``Q = h2 W4 + b4``.
     ``action_layer=0`` feeds the action into the first layer (``s W1 + a W3 + b1``), the same
     function as concatenating ``[s, a]`` at the input (TD3, Stable-Baselines3).
 

@@ -76,7 +76,9 @@ class TD3(DDPG):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(int(rng.integers(2**63)))
 
-    def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def td_target(self, batch: Batch) -> torch.Tensor:
+        """``stop_gradient(r + gamma * (1 - terminated) * min(Q1', Q2')(s', a'))`` with the
+        smoothed target action ``a' = clip(mu'(s') + clip(N(0, sigma^2), -c, c), -1, 1)``."""
         cfg = self.config
         eps = torch.randn(
             batch.actions.shape, generator=self.generator, device=self.device, dtype=self.dtype
@@ -84,19 +86,20 @@ class TD3(DDPG):
         eps = (eps * cfg.target_policy_noise).clamp(-cfg.target_noise_clip, cfg.target_noise_clip)
         next_actions = (self.actor_target.module(batch.next_obs) + eps).clamp(-1.0, 1.0)
         q1_next, q2_next = self.critic_target.module(batch.next_obs, next_actions)
-        q_next = torch.minimum(q1_next, q2_next)
-        y = polyak.stop_gradient(batch.rewards + cfg.gamma * (1.0 - batch.terminated) * q_next)
+        next_q = torch.minimum(q1_next, q2_next)
+        return polyak.stop_gradient(batch.rewards + cfg.gamma * (1.0 - batch.terminated) * next_q)
+
+    def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        y = self.td_target(batch)
         q1, q2 = self.critic(batch.obs, batch.actions)
         critic_loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
         self.critic_opt.minimize(critic_loss, global_step=self.critic_step)
-
         losses = {"critic_loss": critic_loss.detach()}
-        if int(self.critic_step) % cfg.policy_delay == 0:
+        if int(self.critic_step) % self.config.policy_delay == 0:
             losses["actor_loss"] = deterministic_policy_gradient_step(
                 self.actor, self.critic.q1, self.actor_opt, batch.obs, self.actor_step
             )
-            self.actor_target.update()
-            self.critic_target.update()
+            self.update_targets()
         return losses
 
     def stateful(self) -> dict:
