@@ -177,8 +177,12 @@ class Registry:
                 first = variables.setdefault(id(tensor), name)
                 tracked = self.by_id.get(id(tensor))
                 if first != name or (tracked is not None and tracked.name != name):
-                    other = f"listed as '{first}'" if first != name else (
-                        f"tracked as '{tracked.name}'"  # type: ignore[union-attr]
+                    other = (
+                        f"listed as '{first}'"
+                        if first != name
+                        else (
+                            f"tracked as '{tracked.name}'"  # type: ignore[union-attr]
+                        )
                     )
                     raise ValueError(
                         f"ExponentialMovingAverage: the tensor listed as '{name}' is also "
