@@ -94,9 +94,9 @@ def flatten_parameters_(module: nn.Module, *, grads: bool = True) -> nn.Module:
     ``grads=False`` flattens the weights only and leaves gradients where autograd puts them
     (removing the slots of an earlier call; ``.grad`` values are kept). That is the faster
     choice when the optimizer takes all tensors in one kernel anyway (``fused=True`` Adam):
-    a flat gradient buffer must be zeroed and accumulated into on every backward, which on a
-    CPU costs about 50 us per step for a 67k-parameter MLP, while autograd's own gradients
-    are handed over without a copy.
+    a flat gradient buffer must be zeroed and accumulated into on every backward, while
+    autograd's own gradients are handed over without a copy (docs/performance.md, RL: the
+    DQN's figures).
 
     Anything that later replaces a parameter's storage (``module.to(...)``, ``param.data = t``)
     takes that parameter out of the buffer; consumers notice through :func:`coalesce` and fall

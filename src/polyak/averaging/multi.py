@@ -41,11 +41,9 @@ from polyak.flat import coalesce
 __all__ = ["EMAGroup", "FanOutLerp"]
 
 # Bytes of weights per chunk: the chunk and its K shadows must stay in cache between the K
-# lerps. On the 2-core development CPU (1 MiB L2 per core, 32 MiB shared L3; 1.6 M to 100 M
-# parameters, K = 2 and 3) 4 MiB chunks came within 1.0-1.1x of the roofline; 1 MiB chunks
-# were as good on 16 M parameters but up to 15% slower elsewhere, 256 KiB ones 20-30% slower
-# (per-call overhead, broken prefetch streams). CUDA: 8 MiB, well inside a 40-50 MiB L2; not
-# measured yet.
+# lerps, and a chunk must be long enough that per-call overhead and broken prefetch streams do
+# not show (the sizes tried: docs/performance.md, "K averages in one pass"). On CUDA the
+# chunk sits well inside an L2 of tens of MiB.
 _CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 8 << 20}
 _CHUNK_BYTES_OTHER = 8 << 20
 

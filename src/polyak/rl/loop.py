@@ -1,6 +1,9 @@
 """The training loop: interact, store, train, evaluate, log, checkpoint, resume.
 
-One environment step ``t = 1 .. total_steps``::
+A run is set up and checked (:func:`train`), then goes through phases, as Stable-Baselines3's
+``learn -> collect_rollouts -> train``: start or resume (the loop's own state is a
+:class:`LoopState`, which the checkpoint stores), the step loop, and the final evaluation and
+summary. One environment step ``t = 1 .. total_steps``::
 
     a ~ uniform                         if t <= learning_starts   (warm-up, as Stable-Baselines3)
     a = agent.act(s, explore=True)      otherwise
@@ -20,15 +23,15 @@ A burst's minibatch indices are drawn up front, in one call ``rng.integers(0, le
 size=(gradient_steps, batch_size))``; nothing enters the buffer during a burst, so each minibatch
 is still uniform over the same transitions as when drawn one at a time.
 
-Reproducibility: the only randomness is the seed's NumPy generator (warm-up actions, exploration
-noise, epsilon, replay sampling), torch's generators (network init; TD3's smoothing noise has its
-own), and the environment's generator. A checkpoint stores all of them, plus the replay buffer,
-the agent, its optimizers and targets, the counters, and the episode in progress. The episode in
-progress is stored as the environment generator's state at its reset plus the actions taken
-since: on resume the environment is reset from that state and the actions replayed, which
-rebuilds its exact internal state without pickling the environment (gymnasium environments are
-deterministic given their generator). So a run killed at any moment and resumed from its last
-checkpoint takes exactly the steps the uninterrupted run takes.
+Reproducibility: the only randomness is the NumPy generator seeded with ``seed`` (``agent.rng``:
+warm-up actions, exploration noise, epsilon, replay sampling), torch's generators (network init;
+TD3's smoothing noise has its own), and the environment's generator. A checkpoint stores all of
+them, plus the replay buffer, the agent, its optimizers and targets, the counters, and the episode
+in progress. The episode in progress is stored as the environment generator's state at its reset
+plus the actions taken since: on resume the environment is reset from that state and the actions
+replayed, which rebuilds its exact internal state without pickling the environment (gymnasium
+environments are deterministic given their generator). So a run killed at any moment and resumed
+from its last checkpoint takes exactly the steps the uninterrupted run takes.
 """
 
 from __future__ import annotations
