@@ -42,7 +42,6 @@ from polyak.averaging.names import BufferPolicy, canonical_name
 from polyak.averaging.plan import Plans, UpdatePlan
 from polyak.averaging.state import IncompatibleKeys
 from polyak.averaging.values import average_value, copy_value
-from polyak.flat import pack
 
 __all__ = ["ExponentialMovingAverage", "IncompatibleKeys"]
 
@@ -293,34 +292,11 @@ class ExponentialMovingAverage:
         who = "ExponentialMovingAverage.to"
         new_device = check_device(device, "device", who) if device is not None else None
         new_dtype = check_dtype(dtype, "dtype", who) if dtype is not None else None
-        entries = list(self._registry.entries.values())
-        specs = [
-            (
-                e.shadow.shape,
-                new_dtype if (new_dtype and e.shadow.is_floating_point()) else e.shadow.dtype,
-                e.shadow.device if new_device is None else new_device,
-            )
-            for e in entries
-        ]
-        # Everything is allocated and copied before any shadow is repointed, so a failure
-        # (out of memory) leaves the average as it was.
-        with torch.no_grad():
-            views = pack(specs)
-            for entry, view in zip(entries, views):
-                view.copy_(entry.shadow)
-            biased = [
-                None if e.biased is None else e.biased.to(device=v.device, dtype=v.dtype)
-                for e, v in zip(entries, views)
-            ]
-            for entry, view, b in zip(entries, views, biased):
-                entry.shadow.data = view
-                if entry.biased is not None:
-                    entry.biased.data = b
+        self._registry.move_shadows(new_device, new_dtype)
         if new_device is not None:
             self.device = new_device
         if new_dtype is not None:
             self.shadow_dtype = new_dtype
-        self._registry.moved()
         return self
 
     def __repr__(self) -> str:

@@ -252,8 +252,31 @@ class Registry:
         self.generation += 1
         return entries
 
-    def moved(self) -> None:
-        """Say that shadows moved to new storage (whatever was built on them is stale)."""
+    def move_shadows(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        """Move every shadow (``dtype`` applies to floating ones) into new contiguous buffers,
+        keeping the shadow tensor objects. Everything is allocated and copied before any
+        shadow is repointed, so a failure (out of memory) leaves the entries as they were."""
+        entries = list(self.entries.values())
+        specs = [
+            (
+                e.shadow.shape,
+                dtype if (dtype and e.shadow.is_floating_point()) else e.shadow.dtype,
+                e.shadow.device if device is None else device,
+            )
+            for e in entries
+        ]
+        with torch.no_grad():
+            views = pack(specs)
+            for entry, view in zip(entries, views):
+                view.copy_(entry.shadow)
+            biased = [
+                None if e.biased is None else e.biased.to(device=v.device, dtype=v.dtype)
+                for e, v in zip(entries, views)
+            ]
+            for entry, view, b in zip(entries, views, biased):
+                entry.shadow.data = view
+                if entry.biased is not None:
+                    entry.biased.data = b
         self.generation += 1
 
     def _resolve(self, var_list: VarList, buffers: BufferPolicy) -> list[Item]:
