@@ -1,7 +1,7 @@
 """The package surface: imports point down the layers, and every path the docs name imports.
 
 Layers, top to bottom (DESIGN.md, "Layers"); a module may import its own group and any
-group of a lower rank, never one above it or beside it:
+group listed below its own, never one above it or beside it (``|``: the same rank):
 
     cli          polyak.cli, polyak.__main__
     rl           polyak.rl.*                    (only public names of what is below)
