@@ -15,9 +15,9 @@ detached views, so a step records nothing for autograd without entering ``no_gra
 
 Seams:
 
-- the memory a step reads and writes for a variable is :func:`local` of it, the tensor itself
-  here; a sharded tensor (a ``DTensor``) maps to the shard this process holds there, and every
-  kernel below then runs on local memory only;
+- the memory a step reads and writes for a variable or a shadow is :func:`local` of it, the
+  tensor itself here; a sharded tensor (a ``DTensor``) maps to the shard this process holds
+  there, and every kernel below then runs on local memory only;
 - several averages of the same variables read each variable once per step:
   :meth:`UpdatePlan.averaged` hands the (variable, shadow) pairs that lerp to
   :class:`polyak.averaging.multi.FanOutLerp`, and :meth:`UpdatePlan.lerp_` is skipped for the
@@ -75,7 +75,7 @@ class UpdatePlan:
             assert src is not None
             key = (e.average, e.shadow.device, e.shadow.dtype, src.device, src.dtype)
             shadows, sources = groups.setdefault(key, ([], []))
-            shadows.append(e.shadow)
+            shadows.append(local(e.shadow))
             sources.append(local(src))
         self.lerps: list[Spans] = []
         self.copies: list[Spans] = []
@@ -125,8 +125,9 @@ class UpdatePlan:
             copy_each(shadows, sources)
 
     def averaged(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """``(variables, shadows)`` of the entries that average, in entry order."""
-        pairs = [(e.source, e.shadow) for e in self.entries if e.average]
+        """``(variables, shadows)`` of the entries that average, in entry order, as the
+        memory a step touches (:func:`local`)."""
+        pairs = [(local(e.source), local(e.shadow)) for e in self.entries if e.average]  # type: ignore[arg-type]
         return [v for v, _ in pairs], [s for _, s in pairs]  # type: ignore[misc]
 
     def lerp_layout(self) -> tuple[tuple[torch.dtype, torch.device], ...]:
