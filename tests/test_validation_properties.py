@@ -14,7 +14,6 @@ import copy
 import io
 import math
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -903,24 +902,22 @@ def test_optimizer_with_a_user_transform_loads_through_it_and_puts_it_back():
 
 # ------------------------------------------------------------------ post-hoc EMA
 
-_POSTHOC: dict[str, Any] = {}
-
-
-def _trained_posthoc() -> tuple[polyak.PostHocEMA, nn.Module, Path]:
-    """A PostHocEMA with snapshots at steps 2 and 4 (built once: the tests below check that
-    it does not change)."""
-    if not _POSTHOC:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-        directory = Path(tempfile.mkdtemp(prefix="polyak-props-"))
-        ph = polyak.PostHocEMA(model, snapshot_every=2, snapshot_dir=directory / "snaps")
-        for _ in range(4):
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.1)
-            ph.update()
-        _POSTHOC.update(ph=ph, model=model, dir=directory)
-    return _POSTHOC["ph"], _POSTHOC["model"], _POSTHOC["dir"]
+@pytest.fixture(scope="module")
+def trained_posthoc(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[polyak.PostHocEMA, nn.Module, Path]:
+    """A PostHocEMA with snapshots at steps 2 and 4, shared by the tests below (each checks
+    that it does not change)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    directory = tmp_path_factory.mktemp("posthoc")
+    ph = polyak.PostHocEMA(model, snapshot_every=2, snapshot_dir=directory / "snaps")
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        ph.update()
+    return ph, model, directory
 
 
 def _posthoc_state(ph: polyak.PostHocEMA) -> Any:
@@ -938,8 +935,10 @@ SYNTHESIS_ARGS = {
 
 @EXAMPLES
 @given(data=st.data(), how=st.sampled_from(["synthesize", "reconstruction", "swap"]))
-def test_synthesis_with_a_bad_argument_is_refused_by_name_and_changes_nothing(data, how):
-    ph, model, _ = _trained_posthoc()
+def test_synthesis_with_a_bad_argument_is_refused_by_name_and_changes_nothing(
+    trained_posthoc, data, how
+):
+    ph, model, _ = trained_posthoc
     arg = data.draw(st.sampled_from(sorted(SYNTHESIS_ARGS)), label="arg")
     kwargs: dict[str, Any] = {"sigma_rel": 0.07} if arg != "gamma" else {}
     kwargs[arg] = data.draw(SYNTHESIS_ARGS[arg], label=arg)
@@ -957,8 +956,8 @@ def test_synthesis_with_a_bad_argument_is_refused_by_name_and_changes_nothing(da
 
 @EXAMPLES
 @given(other=st.sampled_from([None, 3, "model", nn.Linear(3, 4), nn.Sequential(nn.Linear(3, 5))]))
-def test_synthesized_parameters_into_another_model_changes_nothing(other):
-    ph, _, _ = _trained_posthoc()
+def test_synthesized_parameters_into_another_model_changes_nothing(trained_posthoc, other):
+    ph, _, _ = trained_posthoc
     state = _posthoc_state(ph)
     before = snapshot(other) if isinstance(other, nn.Module) else None
     with (
@@ -981,8 +980,8 @@ POSTHOC_KEYS = ["format", "step", "last_update", "gammas", "update_every", "run_
     key=st.sampled_from(POSTHOC_KEYS[1:]),
     junk=GARBAGE,
 )
-def test_posthoc_load_of_a_bad_state_dict_changes_nothing(where, key, junk):
-    trained, _, _ = _trained_posthoc()
+def test_posthoc_load_of_a_bad_state_dict_changes_nothing(trained_posthoc, where, key, junk):
+    trained, _, _ = trained_posthoc
     bad = copy.deepcopy(trained.state_dict())
     culprit = where
     if where == "missing key":
@@ -1010,12 +1009,6 @@ def test_posthoc_load_of_a_bad_state_dict_changes_nothing(where, key, junk):
     assert_same((snapshot(fresh), fresh.run_id), state)
 
 
-@pytest.fixture(scope="module")
-def posthoc_dir() -> Path:
-    _, _, directory = _trained_posthoc()
-    return directory
-
-
 CLI_BAD = {
     # flag: (bad values, what the message names)
     "--sigma-rel": (["nan", "inf", "0", "0.3", "-0.1", "x", "1e-400", "0.001"], "sigma.rel"),
@@ -1030,7 +1023,8 @@ CLI_BAD = {
 
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
-def test_posthoc_cli_refuses_bad_arguments_in_one_line(posthoc_dir, data):
+def test_posthoc_cli_refuses_bad_arguments_in_one_line(trained_posthoc, data):
+    posthoc_dir = trained_posthoc[2]
     flag = data.draw(st.sampled_from(sorted(CLI_BAD)), label="flag")
     values, culprit = CLI_BAD[flag]
     value = data.draw(st.sampled_from(values), label="value")
