@@ -509,6 +509,37 @@ def test_a_bad_group_value_fails_the_step_before_anything_changes():
     )
 
 
+def test_a_parameter_listed_twice_is_refused():
+    """It was updated twice per step (torch only warns about it)."""
+    p = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="parameter 1 of param group 0 is parameter 0 again"):
+        po.GradientDescentOptimizer([p, p], 1.0)
+    opt = po.GradientDescentOptimizer([p], 1.0)
+    q = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="parameter 2 of param group 1 is parameter 0 again"):
+        opt.add_param_group({"params": [q, nn.Parameter(torch.zeros(1)), q]})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_state_dict_whose_slots_cannot_load_is_refused_before_loading():
+    """A sparse slot made load_state_dict fail after torch had replaced the state; state keys
+    that are strings (a JSON round trip) were dropped silently."""
+    net = model()
+    opt = po.AdamOptimizer(net.parameters(), 0.01)
+    train(net, opt, 1)
+    before = copy.deepcopy(opt.state_dict())
+    sparse = copy.deepcopy(before)
+    sparse["state"][0]["m"] = sparse["state"][0]["m"].to_sparse()
+    with pytest.raises(TypeError, match=r"slot 'm' of parameter 0 is a torch.sparse_coo"):
+        opt.load_state_dict(sparse)
+    strings = {**before, "state": {str(k): v for k, v in before["state"].items()}}
+    with pytest.raises(ValueError, match=r"parameter ids \['0', '1'"):
+        opt.load_state_dict(strings)
+    for k, entry in before["state"].items():
+        for slot, value in entry.items():
+            assert torch.equal(opt.state_dict()["state"][k][slot], value)
+
+
 def test_add_param_group_checks_before_adding():
     opt = po.AdamOptimizer([nn.Parameter(torch.zeros(2))])
     with pytest.raises(ValueError, match="'epsilon' of param group 1"):

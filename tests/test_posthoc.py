@@ -124,6 +124,23 @@ def test_sigma_rel_gamma_conversions(sigma_rel):
     assert schedules.gamma_to_sigma_rel(gamma) == pytest.approx(sigma_rel, rel=1e-12)
 
 
+@settings(max_examples=30, deadline=None)
+@given(exponent=st.floats(60.0, 307.0))
+def test_conversions_at_extreme_widths_against_high_precision(exponent):
+    """gamma 1e60 to 1e307 and the sigma_rel of each: gamma_to_sigma_rel gave 0.0 from
+    gamma 5.6e102 (an overflowing product) and OverflowError from 1e154, sigma_rel_to_gamma
+    OverflowError below sigma_rel 1.5e-154."""
+    gamma = 10.0**exponent
+    mpmath.mp.dps = 700
+    g = mpmath.mpf(gamma)
+    exact = mpmath.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
+    sigma_rel = schedules.gamma_to_sigma_rel(gamma)
+    assert sigma_rel == pytest.approx(float(exact), rel=1e-14)
+    assert schedules.sigma_rel_to_gamma(sigma_rel) == pytest.approx(gamma, rel=1e-14)
+    with pytest.raises(ValueError, match="not a finite float"):
+        schedules.sigma_rel_to_gamma(5e-324)
+
+
 def test_edm2_pairs():
     assert schedules.sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=0.005)
     assert schedules.sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=0.005)
@@ -608,7 +625,7 @@ def test_bad_arguments():
         PostHocEMA(model, shadow_dtype=torch.int32)
     with pytest.raises(ValueError, match="no parameters"):
         PostHocEMA(nn.ReLU())
-    with pytest.raises(ValueError, match="gamma must be"):
+    with pytest.raises(ValueError, match=r"gammas\[0\] must be"):
         PostHocEMA(model, gammas=(-1.0,))
 
 
@@ -633,6 +650,45 @@ def test_load_state_dict_checks_before_changing(tmp_path):
         same.load_state_dict(bad)
     assert same.step == 0
     assert not torch.equal(same.average(0)["3.bias"], ph.average(0)["3.bias"])
+
+
+def test_load_state_dict_with_fewer_or_more_averages_is_refused():
+    """One average of two was loaded into the first, the second kept its own (silently)."""
+    model = small_model()
+    ph = PostHocEMA(model)
+    run(model, ph, 3)
+    fresh = PostHocEMA(model)
+    before = [{k: v.clone() for k, v in fresh.average(i).items()} for i in range(2)]
+    for averages in (ph.state_dict()["averages"][:1], ph.state_dict()["averages"] * 2):
+        with pytest.raises(ValueError, match=r"'averages' holds \d averages, this PostHocEMA"):
+            fresh.load_state_dict({**ph.state_dict(), "averages": averages})
+    assert fresh.step == 0
+    for i in range(2):
+        assert all(torch.equal(v, before[i][k]) for k, v in fresh.average(i).items())
+
+
+def test_a_replaced_parameter_is_followed_by_name():
+    """After m.weight = nn.Parameter(...) (or load_state_dict(assign=True)) the averages
+    follow the model's new tensor, as an in-place copy of the same values would be followed;
+    before, they went on averaging the dropped one."""
+    replaced, copied = small_model(), small_model()
+    a, b = PostHocEMA(replaced, sigma_rels=(0.1,)), PostHocEMA(copied, sigma_rels=(0.1,))
+    for ph, model in ((a, replaced), (b, copied)):
+        run(model, ph, 2)
+    new = torch.full_like(replaced[0].weight, 0.5)
+    replaced[0].weight = nn.Parameter(new.clone())
+    replaced.load_state_dict(copied.state_dict(), assign=True)  # replaces every tensor
+    with torch.no_grad():
+        replaced[0].weight.copy_(new)
+        copied[0].weight.copy_(new)
+    a.update()
+    b.update()
+    for name, value in b.average(0).items():
+        assert torch.equal(a.average(0)[name], value), name
+    replaced.extra = nn.Linear(2, 2)  # a new parameter: the model changed
+    with pytest.raises(ValueError, match=r"parameters changed since construction .*extra"):
+        a.update()
+    assert a.step == 3
 
 
 def test_changed_parameter_shape_is_refused_before_averaging():

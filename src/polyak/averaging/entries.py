@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyak.averaging import assignments
 from polyak.averaging.names import BufferPolicy, canonical_name, module_tensors, tensor_owners
 from polyak.flat import pack
 
@@ -90,27 +91,6 @@ class Entry:
         return None
 
 
-# Assignments of a parameter, buffer or submodule to any module (``m.weight =
-# nn.Parameter(...)``, ``load_state_dict(assign=True)``, ``m.fc = nn.Linear(...)``), counted
-# by torch's global registration hooks once an average tracks a module. A step compares one
-# int to notice them; only when it changed does it look at its variables' owner modules.
-_assignments = [0]
-_watching: list[bool] = []
-
-
-def _count_assignment(module: nn.Module, name: str, tensor: Any) -> None:
-    _assignments[0] += 1
-
-
-def _watch_assignments() -> None:
-    if not _watching:
-        hooks = torch.nn.modules.module
-        hooks.register_module_parameter_registration_hook(_count_assignment)
-        hooks.register_module_buffer_registration_hook(_count_assignment)
-        hooks.register_module_module_registration_hook(_count_assignment)
-        _watching.append(True)
-
-
 class Registry:
     """The entries of one average, by name (in tracking order) and by tensor identity.
 
@@ -124,7 +104,7 @@ class Registry:
         self.entries: dict[str, Entry] = {}
         self.by_id: dict[int, Entry] = {}
         self.generation = 0
-        self._assignments_seen = _assignments[0]
+        self._assignments_seen = assignments.count()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -330,7 +310,7 @@ class Registry:
     def check_owners(self) -> None:
         """Raise if a variable tracked from a module is no longer that module's tensor
         (looked at only after some module anywhere had a tensor or submodule assigned)."""
-        if self._assignments_seen == _assignments[0]:
+        if self._assignments_seen == assignments.count():
             return
         found = self._find_replaced()
         if found is not None:
@@ -342,7 +322,7 @@ class Registry:
                 "dropped one. Call ema.track(model) (or ema.apply(model)) to follow the new "
                 "tensor: its shadow is kept."
             )
-        self._assignments_seen = _assignments[0]
+        self._assignments_seen = assignments.count()
 
     def _record_owners(self, module: nn.Module, entries: list[Entry], repointed: set[int]) -> None:
         """Remember which attributes of ``module``'s submodules hold the variables of
@@ -350,12 +330,12 @@ class Registry:
         fresh = [e for e in entries if e.owners is None or id(e) in repointed]
         if not fresh:
             return
-        _watch_assignments()
+        assignments.watch()
         owners = tensor_owners(module)
         for e in fresh:
             e.owners = (module, owners.get(id(e.source), []))
-        if self._assignments_seen == _assignments[0] or self._find_replaced() is None:
-            self._assignments_seen = _assignments[0]
+        if self._assignments_seen == assignments.count() or self._find_replaced() is None:
+            self._assignments_seen = assignments.count()
 
     def _find_replaced(self) -> tuple[Entry, str] | None:
         for e in self.entries.values():

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from polyak._checks import check_int
 from polyak.averaging.ema import (
     ExponentialMovingAverage,
     pending_update,
@@ -48,6 +49,12 @@ _CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 8 << 20}
 _CHUNK_BYTES_OTHER = 8 << 20
 
 _data_ptr = torch.Tensor.data_ptr
+
+
+def check_chunk_bytes(value: Any, who: str) -> int | None:
+    """``chunk_bytes`` as given to :class:`FanOutLerp` and its users: ``None`` (the default
+    for the device) or an int >= 1."""
+    return None if value is None else check_int(value, "chunk_bytes", who, low=1)
 
 
 def _chunk_elements(device: torch.device, element_size: int, chunk_bytes: int | None) -> int:
@@ -120,6 +127,7 @@ class FanOutLerp:
         *,
         chunk_bytes: int | None = None,
     ) -> None:
+        chunk_bytes = check_chunk_bytes(chunk_bytes, "FanOutLerp")
         self.k = len(shadows)
         if self.k == 0:
             raise ValueError("FanOutLerp needs at least one list of shadows")
@@ -249,17 +257,17 @@ class EMAGroup:
 
     def __init__(self, *emas: ExponentialMovingAverage, chunk_bytes: int | None = None) -> None:
         if not emas:
-            raise ValueError("EMAGroup needs at least one ExponentialMovingAverage")
+            raise ValueError("EMAGroup(*emas) needs at least one ExponentialMovingAverage in emas")
         for i, ema in enumerate(emas):
             if not isinstance(ema, ExponentialMovingAverage):
                 raise TypeError(
-                    f"EMAGroup: argument {i} is a {type(ema).__name__}, not an "
+                    f"EMAGroup: emas[{i}] is a {type(ema).__name__}, not an "
                     "ExponentialMovingAverage"
                 )
         if len({id(e) for e in emas}) != len(emas):
-            raise ValueError("EMAGroup: the same ExponentialMovingAverage is listed twice")
+            raise ValueError("EMAGroup: the same ExponentialMovingAverage is listed twice in emas")
         self.emas: tuple[ExponentialMovingAverage, ...] = tuple(emas)
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes, "EMAGroup")
         self._check_same_variables()
         # Fused steps by the plans they were built from (the subset of averages that lerp
         # changes on copy or skip steps); an EMA makes a new plan when storage moves.
@@ -320,7 +328,7 @@ class EMAGroup:
 
     def _raise_not_same(self) -> None:
         listing = "; ".join(
-            f"average {k}: {[n for n, _ in tracked_variables(ema)][:6]}"
+            f"emas[{k}]: {[n for n, _ in tracked_variables(ema)][:6]}"
             for k, ema in enumerate(self.emas)
         )
         raise ValueError(

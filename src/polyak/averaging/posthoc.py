@@ -50,9 +50,11 @@ import torch
 from torch import nn
 
 from polyak._atomic import remove_dead_writers_temps, save_atomic, write_atomic
-from polyak.averaging.multi import FanOutLerp
+from polyak._checks import check_device, check_dtype, check_int, check_mapping, check_real
+from polyak.averaging import assignments
+from polyak.averaging.multi import FanOutLerp, check_chunk_bytes
 from polyak.averaging.names import module_tensors
-from polyak.averaging.schedules import gamma_to_sigma_rel, sigma_rel_to_gamma
+from polyak.averaging.schedules import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma
 from polyak.flat import pack
 
 __all__ = [
@@ -140,7 +142,8 @@ def solve_coefficients(
     except RuntimeError:  # numerically singular: the minimum-norm least-squares solution
         x = torch.linalg.lstsq(a, b[:, None], driver="gelsd").solution[:, 0]
     x = x / x.sum()
-    c = (gamma + 1) ** 2 / (2 * gamma + 1)  # <p, p> at t = 1
+    # <p, p> at t = 1; a product, which gives inf rather than OverflowError past gamma 1e154
+    c = (gamma + 1) * (gamma + 1) / (2 * gamma + 1)
     residual = float(x @ a @ x - 2 * x @ b) + c
     return x.tolist(), math.sqrt(max(residual, 0.0) / c)
 
@@ -158,13 +161,34 @@ class Reconstruction(NamedTuple):
     profile_error: float
 
 
-def _target_gamma(sigma_rel: float | None, gamma: float | None, caller: str) -> float:
+class _Target(NamedTuple):
+    gamma: float
+    step: int | None
+    max_error: float | None
+
+
+def _check_target(sigma_rel: Any, gamma: Any, step: Any, max_error: Any, caller: str) -> _Target:
+    """The synthesis arguments, checked: exactly one of ``sigma_rel`` (in ``(0, 0.2887)``) or
+    ``gamma`` (> 0), ``step`` None or an int >= 0, ``max_error`` None or a number >= 0
+    (``inf`` accepts anything, as None does)."""
     if (sigma_rel is None) == (gamma is None):
         raise ValueError(f"{caller}: pass exactly one of sigma_rel or gamma")
     if gamma is None:
-        return sigma_rel_to_gamma(sigma_rel)  # type: ignore[arg-type]
-    gamma_to_sigma_rel(gamma)  # checks the range
-    return float(gamma)
+        target = sigma_rel_to_gamma(sigma_rel)
+    else:
+        target = check_real(gamma, "gamma", caller, low=0.0, low_open=True)
+    if step is not None:
+        step = check_int(step, "step", caller, low=0)
+    if max_error is not None:
+        max_error = check_real(
+            max_error,
+            "max_error",
+            caller,
+            low=0.0,
+            allow_infinite=True,
+            hint="pass max_error=None to accept any profile error",
+        )
+    return _Target(target, step, max_error)
 
 
 def _reconstruct(
@@ -358,10 +382,11 @@ def synthesize_directory(
 
     The directory must hold the snapshots of one run (one model, one ``PostHocEMA``).
     """
-    directory = Path(directory)
+    target = _check_target(sigma_rel, gamma, step, max_error, "posthoc")
+    directory = _check_path(directory, "directory", "posthoc")
     if not directory.is_dir():
-        raise ValueError(f"snapshot directory {directory} does not exist")
-    target = _target_gamma(sigma_rel, gamma, "posthoc")
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise ValueError(f"posthoc: snapshot directory {directory} {what}")
     snapshots = _scan(directory)
     if not snapshots:
         raise ValueError(
@@ -376,13 +401,13 @@ def synthesize_directory(
             "which run wrote it), then synthesize from one of them."
         )
     steps = sorted({s.step for s in snapshots})
-    at = steps[-1] if step is None else int(step)
+    at = steps[-1] if target.step is None else target.step
     if at not in steps:
         raise ValueError(
-            f"no snapshots at step {at} in {directory}; steps available: {_ranges(steps)}"
+            f"posthoc: no snapshots at step {at} in {directory}; steps available: {_ranges(steps)}"
         )
     used = [s for s in snapshots if s.step <= at]
-    rec = _reconstruct([(s.step, s.gamma) for s in used], at, target, max_error)
+    rec = _reconstruct([(s.step, s.gamma) for s in used], at, target.gamma, target.max_error)
     meta = used[-1].parameters
     dtypes = dict(zip(meta["names"], (_dtype(d) for d in meta["shadow_dtypes"])))
     return _synthesize(rec, [_file_loader(s) for s in used], dtypes), rec
@@ -419,15 +444,31 @@ def save_state_dict(
     """Write ``{name: tensor}`` atomically: safetensors for a ``.safetensors`` path (needs the
     ``safetensors`` package, ``pip install 'polyak[safetensors]'``), else ``torch.save``
     (``.pt``/``.pth``; loads with ``weights_only=True`` straight into ``model.load_state_dict``)."""
-    path = Path(path)
+    path = _check_path(path, "path", "save_state_dict")
     _state_dict_writer(path)(state_dict, metadata or {})
     return path
+
+
+def _check_path(value: Any, name: str, who: str) -> Path:
+    """A file-system path given as ``str`` or ``os.PathLike`` (not empty: ``""`` would mean
+    the current directory)."""
+    if not isinstance(value, (str, os.PathLike)) or isinstance(value, bytes):
+        raise TypeError(f"{who}: {name} must be a path (str or os.PathLike), got {value!r}")
+    if not os.fspath(value):
+        raise ValueError(f"{who}: {name} is empty; give a path")
+    return Path(value)
 
 
 def _state_dict_writer(
     path: Path,
 ) -> Callable[[Mapping[str, torch.Tensor], Mapping[str, str]], None]:
-    """The writer for ``path``'s format; refuses an unknown suffix or a missing package."""
+    """The writer for ``path``'s format; refuses an unknown suffix, a missing package, a
+    directory where the file should go or a missing parent directory."""
+    if path.is_dir():
+        raise ValueError(f"output {path} is a directory; give a file name in it")
+    if not path.parent.is_dir():
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        raise ValueError(f"output {path}: {path.parent} {what}; give a file in a directory")
     if path.suffix in (".pt", ".pth"):
         return lambda state, _: save_atomic(dict(state), path)
     if path.suffix != ".safetensors":
@@ -448,6 +489,45 @@ def _state_dict_writer(
 
 
 # ---------------------------------------------------------------------------- PostHocEMA
+
+_STATE_KEYS = ("step", "last_update", "gammas", "update_every", "run_id", "fingerprint", "averages")
+
+
+def _check_sequence(value: Any, name: str, example: str) -> list[Any]:
+    """A non-empty list or tuple (a bare number, a string or a tensor is refused by name)."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"PostHocEMA: {name} must be a sequence (list or tuple) of numbers, e.g. "
+            f"{example}; got {value!r}"
+        )
+    if not value:
+        raise ValueError(f"PostHocEMA: {name} is empty; track at least one average, e.g. {example}")
+    return list(value)
+
+
+def _check_sigma_rel(value: Any, name: str) -> float:
+    return check_real(
+        value,
+        name,
+        "PostHocEMA",
+        low=0.0,
+        high=math.nextafter(SIGMA_REL_MAX, 0.0),
+        low_open=True,
+        hint="sigma_rel is a fraction of the training so far, e.g. 0.05",
+    )
+
+
+def _check_snapshot_dir(path: Path) -> Path:
+    """``path`` if it is, or can be made, a writable directory (made at construction)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"PostHocEMA: snapshot_dir {path} exists and is not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"PostHocEMA: snapshot_dir {path} cannot be written ({existing} is not a writable "
+            "directory); give a directory this process can write"
+        )
+    return path
 
 
 class PostHocEMA:
@@ -496,17 +576,18 @@ class PostHocEMA:
         if sigma_rels is not None and gammas is not None:
             raise ValueError("PostHocEMA: pass sigma_rels or gammas, not both")
         if gammas is None:
-            if isinstance(sigma_rels, (int, float)):
-                raise TypeError("PostHocEMA: sigma_rels is a sequence, e.g. (0.05, 0.10)")
-            gammas = [sigma_rel_to_gamma(s) for s in (sigma_rels or (0.05, 0.10))]
+            widths = _check_sequence(
+                (0.05, 0.10) if sigma_rels is None else sigma_rels, "sigma_rels", "(0.05, 0.10)"
+            )
+            gammas = [
+                sigma_rel_to_gamma(_check_sigma_rel(s, f"sigma_rels[{i}]"))
+                for i, s in enumerate(widths)
+            ]
         else:
-            if isinstance(gammas, (int, float)):
-                raise TypeError("PostHocEMA: gammas is a sequence, e.g. (16.97, 6.94)")
-            gammas = [float(g) for g in gammas]
-            for g in gammas:
-                gamma_to_sigma_rel(g)
-        if not gammas:
-            raise ValueError("PostHocEMA: track at least one average")
+            gammas = [
+                check_real(g, f"gammas[{i}]", "PostHocEMA", low=0.0, low_open=True)
+                for i, g in enumerate(_check_sequence(gammas, "gammas", "(16.97, 6.94)"))
+            ]
         labels = [snapshot_name(0, gamma_to_sigma_rel(g)) for g in gammas]
         if len(set(labels)) != len(labels):
             raise ValueError(
@@ -514,11 +595,13 @@ class PostHocEMA:
                 f"file names use 4 decimals); got sigma_rels "
                 f"{[gamma_to_sigma_rel(g) for g in gammas]}"
             )
-        for label, value in (("update_every", update_every), ("snapshot_every", snapshot_every)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"PostHocEMA: {label} must be an int >= 1, got {value!r}")
+        update_every = check_int(update_every, "update_every", "PostHocEMA", low=1)
+        if snapshot_every is not None:
+            snapshot_every = check_int(snapshot_every, "snapshot_every", "PostHocEMA", low=1)
+        if snapshot_dir is not None:
+            snapshot_dir = _check_snapshot_dir(
+                _check_path(snapshot_dir, "snapshot_dir", "PostHocEMA")
+            )
         if (snapshot_every is None) != (snapshot_dir is None):
             raise ValueError(
                 "PostHocEMA: pass snapshot_every and snapshot_dir together (or neither, for no "
@@ -529,11 +612,12 @@ class PostHocEMA:
                 f"PostHocEMA: snapshot_every ({snapshot_every}) must be a multiple of "
                 f"update_every ({update_every}), so that snapshots follow an update"
             )
-        for label, dtype in (("shadow_dtype", shadow_dtype), ("snapshot_dtype", snapshot_dtype)):
-            if dtype is not None and not (
-                isinstance(dtype, torch.dtype) and dtype.is_floating_point
-            ):
-                raise TypeError(f"PostHocEMA: {label} must be a floating torch.dtype, got {dtype}")
+        if shadow_dtype is not None:
+            shadow_dtype = check_dtype(shadow_dtype, "shadow_dtype", "PostHocEMA")
+        if snapshot_dtype is not None:
+            snapshot_dtype = check_dtype(snapshot_dtype, "snapshot_dtype", "PostHocEMA")
+        dev = None if device is None else check_device(device, "device", "PostHocEMA")
+        chunk_bytes = check_chunk_bytes(chunk_bytes, "PostHocEMA")
         params: list[tuple[str, torch.Tensor]] = []
         buffers: dict[str, list[int]] = {}
         for name, tensor, is_param in module_tensors(model, "copy"):
@@ -559,7 +643,7 @@ class PostHocEMA:
         self.sigma_rels: tuple[float, ...] = tuple(gamma_to_sigma_rel(g) for g in gammas)
         self.update_every = update_every
         self.snapshot_every = snapshot_every
-        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
+        self.snapshot_dir = snapshot_dir
         self.snapshot_dtype = snapshot_dtype
         self.chunk_bytes = chunk_bytes
         self._model = model
@@ -569,7 +653,6 @@ class PostHocEMA:
         shadow_dtypes = [
             shadow_dtype or torch.promote_types(p.dtype, torch.float32) for p in self._sources
         ]
-        dev = torch.device(device) if device is not None else None
         specs = [(p.shape, dt, dev or p.device) for p, dt in zip(self._sources, shadow_dtypes)]
         self._averages: list[list[torch.Tensor]] = []
         with torch.no_grad():
@@ -590,6 +673,8 @@ class PostHocEMA:
         self._last_update = 0
         self._fan: FanOutLerp | None = None
         self._dir_checked = False
+        assignments.watch()
+        self._assignments_seen = assignments.count()
         if self.snapshot_dir is not None:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
             remove_dead_writers_temps(self.snapshot_dir, PREFIX)
@@ -603,20 +688,67 @@ class PostHocEMA:
 
     def update(self) -> None:
         """One call: every average takes its power-function step (on update steps), in one
-        pass over the weights; every ``snapshot_every`` calls, each is written to disk."""
+        pass over the weights; every ``snapshot_every`` calls, each is written to disk.
+
+        The model's parameters are followed by name (a replaced ``nn.Parameter`` is averaged
+        from then on). A refusal changes nothing; so does a snapshot write that fails (a full
+        disk): the averages and the step are put back, and the next call redoes the step."""
         t = self._step + 1
         averaging = t % self.update_every == 0
         snapshot = self.snapshot_every is not None and t % self.snapshot_every == 0
         # Everything that can refuse runs before anything changes.
+        if self._assignments_seen != assignments.count():
+            self._follow_model()
         fan = self._fan_out() if averaging else None
         if self.snapshot_dir is not None and not self._dir_checked:
             self._check_directory()
+        if snapshot:
+            buffers = self._snapshot_buffers()
+            # Writing can still fail (a full disk): then the averages and counters go back to
+            # what they were, so that calling update() again redoes this step and its snapshot.
+            # The copy costs K averages of host memory, on snapshot steps only.
+            backup = [[v.detach().to("cpu", copy=True) for v in views] for views in self._averages]
+        before = (self._step, self._last_update)
         if fan is not None:
             fan([power_weight(t, g, self.update_every) for g in self.gammas])
             self._last_update = t
         self._step = t
         if snapshot:
-            self._write_snapshots()
+            try:
+                self._write_snapshots(buffers)
+            except BaseException:
+                with torch.no_grad():
+                    for views, saved in zip(self._averages, backup):
+                        for view, value in zip(views, saved):
+                            view.copy_(value)
+                self._step, self._last_update = before
+                raise
+
+    def _follow_model(self) -> None:
+        """Follow the model's parameters by name after a module assignment anywhere (counted by
+        torch's registration hooks, as :class:`ExponentialMovingAverage` does): after
+        ``m.weight = nn.Parameter(...)`` or ``load_state_dict(assign=True)`` the averages
+        follow the new tensor, never the dropped one. A model whose parameter names changed
+        is refused."""
+        current = {n: t for n, t, is_param in module_tensors(self._model, "copy") if is_param}
+        if list(current) != self._names:
+            missing = [n for n in self._names if n not in current]
+            extra = [n for n in current if n not in self._names]
+            raise ValueError(
+                f"PostHocEMA: the model's parameters changed since construction (missing "
+                f"{missing[:10]}, new {extra[:10]}). A changed model needs a new PostHocEMA and "
+                "a new snapshot_dir."
+            )
+        sources = list(current.values())
+        for name, p in zip(self._names, sources):
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"PostHocEMA: parameter '{name}' is now {p.dtype}; only floating parameters "
+                    "can be averaged"
+                )
+        if any(a is not b for a, b in zip(sources, self._sources)):
+            self._sources, self._fan = sources, None
+        self._assignments_seen = assignments.count()
 
     def _fan_out(self) -> FanOutLerp:
         fan = self._fan
@@ -655,15 +787,25 @@ class PostHocEMA:
         self._dir_checked = True
         return snapshots
 
-    def _write_snapshots(self) -> None:
+    def _snapshot_buffers(self) -> dict[str, torch.Tensor]:
+        """The model's buffers as a snapshot stores them (CPU copies); refuses changed buffers
+        or a snapshot_dir removed since, before the update changes anything."""
         assert self.snapshot_dir is not None
+        if not self.snapshot_dir.is_dir():
+            raise ValueError(
+                f"PostHocEMA: snapshot_dir {self.snapshot_dir} is gone (removed during the "
+                "run?); put it back with this run's snapshots, or resume into a new PostHocEMA"
+            )
         buffers = {n: t for n, t, avg in module_tensors(self._model, "copy") if not avg}
         if {n: list(b.shape) for n, b in buffers.items()} != self._buffer_shapes:
             raise ValueError(
                 "PostHocEMA: the model's buffers changed since construction "
                 f"({sorted(self._buffer_shapes)} -> {sorted(buffers)}); snapshots need them fixed"
             )
-        saved_buffers = {n: b.detach().to("cpu") for n, b in buffers.items()}
+        return {n: b.detach().to("cpu", copy=True) for n, b in buffers.items()}
+
+    def _write_snapshots(self, saved_buffers: Mapping[str, torch.Tensor]) -> None:
+        assert self.snapshot_dir is not None
         for gamma, sigma_rel, views in zip(self.gammas, self.sigma_rels, self._averages):
             averages = {
                 n: v.detach().to(device="cpu", dtype=self.snapshot_dtype or v.dtype)
@@ -740,7 +882,7 @@ class PostHocEMA:
         """Swap the synthesized average (parameters and buffers) into ``model`` for the
         ``with`` block; the model's own tensors come back on exit, also on an exception."""
         if not isinstance(model, nn.Module):
-            raise TypeError(f"synthesized_parameters: expected an nn.Module, got {model!r}")
+            raise TypeError(f"synthesized_parameters: model must be an nn.Module, got {model!r}")
         targets = {n: t for n, t, _ in module_tensors(model, "copy")}
         missing = [n for n in self._names if n not in targets]
         if missing:
@@ -774,7 +916,7 @@ class PostHocEMA:
         step: int | None,
         max_error: float | None,
     ) -> tuple[Reconstruction, list[Callable[[], tuple[Mapping, Mapping]]]]:
-        target = _target_gamma(sigma_rel, gamma, "synthesize")
+        target = _check_target(sigma_rel, gamma, step, max_error, "synthesize")
         now = self._last_update
         files: list[_Snapshot] = []
         if self.snapshot_dir is not None:
@@ -784,7 +926,7 @@ class PostHocEMA:
         steps = sorted({s.step for s in files} | ({now} if now else set()))
         if not steps:
             raise ValueError("synthesize: nothing to synthesize from yet; call update() first")
-        at = now if step is None else int(step)
+        at = now if target.step is None else target.step
         if at not in steps:
             raise ValueError(
                 f"synthesize: step {at} is neither a snapshot step nor the current one; steps "
@@ -801,7 +943,7 @@ class PostHocEMA:
             for k, g in enumerate(self.gammas):
                 inputs.append((now, g))
                 loaders.append(self._live_loader(k))
-        return _reconstruct(inputs, at, target, max_error), loaders
+        return _reconstruct(inputs, at, target.gamma, target.max_error), loaders
 
     def _live_loader(self, k: int) -> Callable[[], tuple[Mapping, Mapping]]:
         def load() -> tuple[Mapping, Mapping]:
@@ -830,47 +972,83 @@ class PostHocEMA:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the same averages, step and run id, so the run
         writes the same snapshots again. Everything is checked before anything changes."""
+        who = "PostHocEMA.load_state_dict"
         if not isinstance(state_dict, Mapping) or state_dict.get("format") != FORMAT:
             keys = sorted(map(str, state_dict))[:6] if isinstance(state_dict, Mapping) else "-"
             raise ValueError(
-                "PostHocEMA.load_state_dict expects the dict of PostHocEMA.state_dict() "
-                f"(format {FORMAT!r}), got {type(state_dict).__name__} with keys {keys}"
+                f"{who} expects the dict of PostHocEMA.state_dict() (format {FORMAT!r}), got "
+                f"{type(state_dict).__name__} with keys {keys}"
             )
-        gammas = [float(g) for g in state_dict["gammas"]]
+        missing_keys = [k for k in _STATE_KEYS if k not in state_dict]
+        if missing_keys:
+            raise ValueError(f"{who}: the state dict has no {missing_keys} (a damaged file?)")
+        saved_gammas = state_dict["gammas"]
+        if not isinstance(saved_gammas, (list, tuple)):
+            raise TypeError(f"{who}: 'gammas' must be a list, got {saved_gammas!r}")
+        gammas = [
+            check_real(g, f"gammas[{i}]", who, low=0.0, low_open=True)
+            for i, g in enumerate(saved_gammas)
+        ]
         if gammas != list(self.gammas):
             raise ValueError(
-                f"PostHocEMA.load_state_dict: the state dict tracks gammas {gammas} (sigma_rels "
+                f"{who}: the state dict tracks gammas {gammas} (sigma_rels "
                 f"{[round(gamma_to_sigma_rel(g), 6) for g in gammas]}), this PostHocEMA "
                 f"{list(self.gammas)}; construct it with the run's sigma_rels or gammas"
             )
-        if state_dict["update_every"] != self.update_every:
+        every = check_int(state_dict["update_every"], "'update_every'", who, low=1)
+        if every != self.update_every:
             raise ValueError(
-                f"PostHocEMA.load_state_dict: update_every {state_dict['update_every']} in the "
-                f"state dict, {self.update_every} here"
+                f"{who}: update_every {every} in the state dict, {self.update_every} here"
             )
-        step, last = state_dict["step"], state_dict["last_update"]
-        if not (isinstance(step, int) and isinstance(last, int) and 0 <= last <= step):
-            raise ValueError(f"PostHocEMA.load_state_dict: bad step {step!r} / {last!r}")
+        step = check_int(state_dict["step"], "'step'", who, low=0)
+        last = check_int(state_dict["last_update"], "'last_update'", who, low=0)
+        if not (last <= step < last + every and last % every == 0):
+            raise ValueError(
+                f"{who}: 'step' {step} and 'last_update' {last} do not fit update_every "
+                f"{every} (the last update is the latest multiple of update_every up to step)"
+            )
+        for key in ("run_id", "fingerprint"):
+            if not isinstance(state_dict[key], str) or not state_dict[key]:
+                raise TypeError(f"{who}: {key!r} must be a non-empty str, got {state_dict[key]!r}")
         averages = state_dict["averages"]
+        if not isinstance(averages, (list, tuple)) or len(averages) != len(self.gammas):
+            count = len(averages) if isinstance(averages, (list, tuple)) else "no list of"
+            raise ValueError(
+                f"{who}: 'averages' holds {count} averages, this PostHocEMA tracks "
+                f"{len(self.gammas)}"
+            )
         for k, saved in enumerate(averages):
+            saved = check_mapping(saved, f"'averages'[{k}]", who)
             missing = [n for n in self._names if n not in saved]
             extra = [n for n in saved if n not in self._names]
             if missing or extra:
                 raise ValueError(
-                    f"PostHocEMA.load_state_dict: average {k} does not fit this model; missing "
-                    f"{missing[:10]}, unexpected {extra[:10]}"
+                    f"{who}: average {k} does not fit this model; missing {missing[:10]}, "
+                    f"unexpected {extra[:10]}"
                 )
             for name, view in zip(self._names, self._averages[k]):
-                if saved[name].shape != view.shape:
+                value = saved[name]
+                if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+                    raise TypeError(
+                        f"{who}: '{name}' of average {k} must be a dense tensor, got "
+                        f"{type(value).__name__}"
+                        + (f" ({value.layout})" if isinstance(value, torch.Tensor) else "")
+                    )
+                if not value.is_floating_point():
+                    raise TypeError(
+                        f"{who}: '{name}' of average {k} is {value.dtype}; averages are "
+                        "floating-point"
+                    )
+                if value.shape != view.shape:
                     raise ValueError(
-                        f"PostHocEMA.load_state_dict: '{name}' has shape "
-                        f"{tuple(saved[name].shape)} in the state dict, {tuple(view.shape)} here"
+                        f"{who}: '{name}' has shape {tuple(value.shape)} in the state dict, "
+                        f"{tuple(view.shape)} here"
                     )
         if state_dict["fingerprint"] != self.fingerprint:
             raise ValueError(
-                "PostHocEMA.load_state_dict: the state dict comes from a model with other "
-                f"buffers (model fingerprint {state_dict['fingerprint']}, here "
-                f"{self.fingerprint}); pass the model it was made with"
+                f"{who}: the state dict comes from a model with other buffers (model "
+                f"fingerprint {state_dict['fingerprint']}, here {self.fingerprint}); pass the "
+                "model it was made with"
             )
         # Everything is checked: from here on the PostHocEMA changes.
         with torch.no_grad():
@@ -901,7 +1079,10 @@ def posthoc_command(
 ) -> str:
     """``polyak posthoc``: synthesize from ``directory`` alone and write ``output``
     (``.safetensors`` or ``.pt``); returns the report it prints."""
-    write = _state_dict_writer(Path(output))  # a bad output path fails before the work
+    if dtype is not None:
+        dtype = check_dtype(dtype, "dtype", "posthoc")
+    # A bad output path fails before the work.
+    write = _state_dict_writer(_check_path(output, "output", "posthoc"))
     state, rec = synthesize_directory(directory, sigma_rel, gamma, step, max_error=max_error)
     if dtype is not None:  # every floating tensor, as EDM2 casts its networks to float16
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

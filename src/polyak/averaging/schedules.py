@@ -137,6 +137,10 @@ class karras(power_function):
 
 # sigma_rel of gamma -> 0; every gamma > 0 has a smaller one.
 SIGMA_REL_MAX = 12**-0.5
+# Above this gamma (below sigma_rel 1e-100), the conversions use the asymptote
+# sigma_rel = 1 / (gamma + 3), exact to float64 rounding there, instead of sums of cubes
+# that overflow.
+_HUGE_GAMMA = 1e100
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
@@ -146,6 +150,8 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     relative to ``t``: the width of the average as a fraction of the training so far.
     """
     gamma = check_real(gamma, "gamma", "gamma_to_sigma_rel", low=0.0, low_open=True)
+    if gamma > _HUGE_GAMMA:  # the product overflows; sigma_rel = 1 / (gamma + 3) (1 + O(gamma^-2))
+        return 1.0 / (gamma + 3.0)
     return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 
@@ -159,8 +165,17 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     sigma_rel = check_real(sigma_rel, "sigma_rel", "sigma_rel_to_gamma")
     if not 0.0 < sigma_rel < SIGMA_REL_MAX:
         raise ValueError(
-            f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}) for gamma > 0, got {sigma_rel}"
+            f"sigma_rel_to_gamma: sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}) for gamma > 0, "
+            f"got {sigma_rel}"
         )
+    if sigma_rel < 1.0 / _HUGE_GAMMA:  # the cubic's coefficients overflow; see gamma_to_sigma_rel
+        gamma = 1.0 / sigma_rel - 3.0
+        if math.isinf(gamma):
+            raise ValueError(
+                f"sigma_rel_to_gamma: sigma_rel {sigma_rel!r} is so small that gamma "
+                "(about 1 / sigma_rel) is not a finite float"
+            )
+        return gamma
     t = sigma_rel**-2
 
     def poly(g: float) -> float:

@@ -101,6 +101,14 @@ class TFOptimizer(torch.optim.Optimizer):
     rules: ClassVar[dict[str, Rule]]
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
+        if isinstance(params, (torch.Tensor, str, bytes, Mapping)) or not isinstance(
+            params, Iterable
+        ):
+            raise TypeError(
+                f"{type(self).__name__}: params must be an iterable of parameters, of (name, "
+                "parameter) pairs or of param group dicts (model.parameters(), "
+                f"model.named_parameters()), got {type(params).__name__}"
+            )
         self._check_hyper(defaults, None, defaults)
         self._layouts: dict[tuple[int, torch.device, torch.dtype], Layout] = {}
         self._reused = Reused()  # the CPU pieces' temporaries
@@ -171,22 +179,31 @@ class TFOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}: param groups name the learning rate 'lr' (as torch's "
                 "LR schedulers read it); rename the 'learning_rate' key"
             )
-        group = dict(param_group)
-        raw = group.get("params")
-        if raw is not None and not isinstance(raw, (torch.Tensor, list, tuple, set)):
-            group["params"] = raw = list(raw)  # a generator: read it once
         index = len(self.param_groups)
+        group = dict(param_group)
+        if "params" not in group:
+            raise ValueError(
+                f"{type(self).__name__}: param group {index} has no 'params' (a dict such as "
+                "{'params': model.fc.parameters(), 'lr': 0.01})"
+            )
+        raw = group["params"]
+        if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, (torch.Tensor, Iterable)):
+            raise TypeError(
+                f"{type(self).__name__}: 'params' of param group {index} must be a tensor or an "
+                f"iterable of them, got {type(raw).__name__}"
+            )
+        if not isinstance(raw, (torch.Tensor, list, tuple, set)):
+            group["params"] = raw = list(raw)  # a generator: read it once
         filled = {**self.defaults, **{k: v for k, v in group.items() if k != "params"}}
         self._check_hyper(filled, index, self.defaults)
         for key, value in self._derived(filled).items():
             group.setdefault(key, value)
             filled.setdefault(key, value)
         self._check_hyper(filled, index)
-        if raw is not None:
-            items = [raw] if isinstance(raw, torch.Tensor) else raw
-            self._check_params(
-                [x[1] if isinstance(x, tuple) and len(x) == 2 else x for x in items], index
-            )
+        items = [raw] if isinstance(raw, torch.Tensor) else raw
+        self._check_params(
+            [x[1] if isinstance(x, tuple) and len(x) == 2 else x for x in items], index
+        )
         super().add_param_group(group)
 
     @torch.no_grad()
@@ -216,12 +233,16 @@ class TFOptimizer(torch.optim.Optimizer):
                 else:
                     self._check_sparse(p, gi)  # .grad accepts sparse COO only
                     sparse.append(p)
+            batches = by_device_dtype(dense)
+            # A parameter whose data became complex after it was added (p.data = ...).
+            for _, dtype in batches:
+                self._check_dtype(dtype, f"a parameter of param group {gi}")
             if dense or sparse:
-                work.append((gi, group, dense, sparse))
+                work.append((gi, group, dense, batches, sparse))
         if not work:
             return loss
-        for gi, group, dense, sparse in work:
-            self._step_group(gi, group, dense, sparse)
+        for gi, group, dense, batches, sparse in work:
+            self._step_group(gi, group, dense, batches, sparse)
         self._after_step()
         return loss
 
@@ -241,7 +262,14 @@ class TFOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ internals
 
-    def _step_group(self, gi: int, group: dict[str, Any], dense: Tensors, sparse: Tensors) -> None:
+    def _step_group(
+        self,
+        gi: int,
+        group: dict[str, Any],
+        dense: Tensors,
+        batches: dict[tuple[torch.device, torch.dtype], list[int]],
+        sparse: Tensors,
+    ) -> None:
         fills = self._slot_fills(group)
         names = list(fills)
         if names:
@@ -255,7 +283,7 @@ class TFOptimizer(torch.optim.Optimizer):
                 s = scalars[dtype] = self._scalars(group, Arith(dtype))
             return s
 
-        for (device, dtype), idx in by_device_dtype(dense).items():
+        for (device, dtype), idx in batches.items():
             ps = [dense[i] for i in idx]
             lists = [ps, [p.grad for p in ps]]
             lists += [[state[p][n] for p in ps] for n in names]
@@ -310,17 +338,32 @@ class TFOptimizer(torch.optim.Optimizer):
                 raise kind(f"{type(self).__name__}: {what} must be {requirement}, got {value!r}")
 
     def _check_params(self, params: Sequence[Any], group: int) -> None:
+        seen: dict[int, int] = {}
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
-                continue  # torch's add_param_group names it
-            if p.is_complex() or not p.is_floating_point():
                 raise TypeError(
-                    f"{type(self).__name__}: parameter {i} of param group {group} is {p.dtype}; "
-                    "TF1's update rules are defined here for real floating-point tensors only "
-                    "(view a complex parameter as real pairs with torch.view_as_real)"
+                    f"{type(self).__name__}: parameter {i} of param group {group} is a "
+                    f"{type(p).__name__}, not a tensor (params takes parameters or (name, "
+                    "parameter) pairs)"
+                )
+            self._check_dtype(p.dtype, f"parameter {i} of param group {group}")
+            first = seen.setdefault(id(p), i)
+            if first != i:
+                raise ValueError(
+                    f"{type(self).__name__}: parameter {i} of param group {group} is parameter "
+                    f"{first} again; it would be updated twice per step. List it once."
                 )
 
+    def _check_dtype(self, dtype: torch.dtype, what: str) -> None:
+        if dtype.is_complex or not dtype.is_floating_point:
+            raise TypeError(
+                f"{type(self).__name__}: {what} is {dtype}; TF1's update rules are defined here "
+                "for real floating-point tensors only (view a complex parameter as real pairs "
+                "with torch.view_as_real)"
+            )
+
     def _check_sparse(self, p: torch.Tensor, group: int) -> None:
+        self._check_dtype(p.dtype, f"a parameter of param group {group}")
         if not p.is_contiguous():
             raise ValueError(
                 f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} in param group "
@@ -330,45 +373,75 @@ class TFOptimizer(torch.optim.Optimizer):
 
     def _check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         name = type(self).__name__
+        who = f"{name}.load_state_dict"
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(
-                f"{name}.load_state_dict: expected the output of {name}.state_dict() "
+                f"{who}: expected the output of {name}.state_dict() "
                 "({'state': ..., 'param_groups': [...]})"
             )
-        groups = state_dict["param_groups"]
+        state, groups = state_dict["state"], state_dict["param_groups"]
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{who}: 'state' must be a dict, got {type(state).__name__}")
+        if not isinstance(groups, (list, tuple)):
+            raise TypeError(f"{who}: 'param_groups' must be a list, got {type(groups).__name__}")
         if len(groups) != len(self.param_groups):
             raise ValueError(
-                f"{name}.load_state_dict: the state dict has {len(groups)} param groups, this "
-                f"optimizer {len(self.param_groups)}"
+                f"{who}: the state dict has {len(groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}"
             )
+        listed: set[Any] = set()
         for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), list):
+                raise TypeError(
+                    f"{who}: param group {gi} must be a dict with a 'params' list, got "
+                    f"{type(saved).__name__}"
+                )
             missing = [k for k in self.rules if k not in saved]
             if missing:
                 raise ValueError(
-                    f"{name}.load_state_dict: param group {gi} has no {missing}: not a state "
-                    f"dict of {name} (its keys: {sorted(k for k in saved if k != 'params')})"
+                    f"{who}: param group {gi} has no {missing}: not a state dict of {name} (its "
+                    f"keys: {sorted(map(str, saved))})"
                 )
             self._check_hyper(saved, gi)
             if len(saved["params"]) != len(mine["params"]):
                 raise ValueError(
-                    f"{name}.load_state_dict: param group {gi} has {len(saved['params'])} "
-                    f"parameters in the state dict, {len(mine['params'])} here"
+                    f"{who}: param group {gi} has {len(saved['params'])} parameters in the "
+                    f"state dict, {len(mine['params'])} here"
                 )
             expected = set(self._slot_fills(saved))
             for key, p in zip(saved["params"], mine["params"]):
-                entry = state_dict["state"].get(key)
+                if key in listed or not isinstance(key, int) or isinstance(key, bool):
+                    raise ValueError(
+                        f"{who}: param group {gi} lists parameter id {key!r}, "
+                        + ("listed before" if key in listed else "not an int")
+                    )
+                listed.add(key)
+                entry = state.get(key)
                 if entry is None:
                     continue
-                if set(entry) != expected:
+                if not isinstance(entry, Mapping) or set(entry) != expected:
+                    found = sorted(map(str, entry)) if isinstance(entry, Mapping) else entry
                     raise ValueError(
-                        f"{name}.load_state_dict: the state of parameter {key} has "
-                        f"{sorted(entry)}, expected the slots {sorted(expected)} (a state dict "
-                        "of another optimizer?)"
+                        f"{who}: the state of parameter {key} has {found!r}, expected the slots "
+                        f"{sorted(expected)} (a state dict of another optimizer?)"
                     )
                 for slot, t in entry.items():
                     if not isinstance(t, torch.Tensor) or t.shape != p.shape:
                         raise ValueError(
-                            f"{name}.load_state_dict: slot {slot!r} of parameter {key} is "
+                            f"{who}: slot {slot!r} of parameter {key} is "
                             f"{getattr(t, 'shape', type(t).__name__)}, expected a tensor of "
                             f"shape {tuple(p.shape)}"
                         )
+                    if t.layout != torch.strided or t.is_complex() or not t.is_floating_point():
+                        raise TypeError(
+                            f"{who}: slot {slot!r} of parameter {key} is a {t.layout} {t.dtype} "
+                            "tensor; slots are dense real floating-point tensors (cast to the "
+                            "parameter's dtype when loaded)"
+                        )
+        unknown = [k for k in state if k not in listed]
+        if unknown:
+            raise ValueError(
+                f"{who}: 'state' has entries for parameter ids {unknown[:10]} that no param group "
+                f"lists ({sorted(listed)[:10]}...): a damaged state dict, or one whose keys "
+                "were turned into strings (by JSON)?"
+            )
