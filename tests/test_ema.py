@@ -11,6 +11,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from tf_reference import tf_plain_f32, tf_zero_debias_f32
 from torch import nn
 
 from polyak import ExponentialMovingAverage
@@ -232,36 +233,6 @@ class TestNumUpdates:
             a.update()
             b.update()
         assert torch.equal(a.average(ws[0]), b.average(ws[1]))
-
-
-def tf_zero_debias_f32(decay: float, values: list[np.ndarray], n: int | None = None):
-    """TF's assign_moving_average(zero_debias=True), op by op in numpy float32."""
-    f = np.float32
-    d = f(decay)
-    if n is not None:
-        nf = f(n)
-        d = np.minimum(d, (f(1.0) + nf) / (f(10.0) + nf))
-    one_minus = f(f(1.0) - d)
-    biased = np.zeros_like(values[0])
-    local_step = f(0.0)
-    shadows = []
-    for value in values:
-        biased = biased - (biased - value) * one_minus
-        local_step = local_step + f(1.0)
-        factor = f(1.0) - np.power(f(1.0) - one_minus, local_step)
-        shadows.append((biased / factor).astype(np.float32))
-    return shadows, biased
-
-
-def tf_plain_f32(decay: float, values: list[np.ndarray]):
-    f = np.float32
-    one_minus = f(f(1.0) - f(decay))
-    shadow = np.zeros_like(values[0])
-    out = []
-    for value in values:
-        shadow = shadow - (shadow - value) * one_minus
-        out.append(shadow)
-    return out
 
 
 class TestZeroDebias:
