@@ -11,6 +11,7 @@ from torch.optim.adamw import adamw
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import polyak
+from polyak import _torch_compat as torch_compat
 from polyak import transforms as T
 from polyak.gradients import _update
 from polyak.gradients._update import functional_update
@@ -141,7 +142,7 @@ def test_adamw_on_torch_without_the_decoupled_flag(monkeypatch):
     ref, model = _model("cpu", False), _model("cpu", False)
     o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
     opt = polyak.Optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
-    monkeypatch.setattr(_update, "_ADAM_DECOUPLES", False)
+    monkeypatch.setattr(torch_compat, "adam_decouples_weight_decay", lambda: False)
     routed = []
     monkeypatch.setattr(_update, "adamw", lambda *a, **k: routed.append(1) or adamw(*a, **k))
     for i in range(3):

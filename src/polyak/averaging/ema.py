@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from polyak import _torch_compat as torch_compat
 from polyak.averaging.names import BufferPolicy, canonical_name, module_tensors
 from polyak.flat import coalesce, pack
 from polyak.gradients.global_step import GlobalStep
@@ -825,15 +826,15 @@ class ExponentialMovingAverage:
                 weight = [w] * len(shadows)
             if self.exact_tf:
                 # TF's op sequence: v -= (v - value) * (1 - decay), each op rounded on its own.
-                diff = torch._foreach_sub(shadows, sources)
-                torch._foreach_mul_(diff, weight)
-                torch._foreach_sub_(shadows, diff)
+                diff = torch_compat.foreach_sub(shadows, sources)
+                torch_compat.foreach_mul_(diff, weight)
+                torch_compat.foreach_sub_(shadows, diff)
             elif weight == 1.0:  # decay 0: a copy (see update())
                 _copy_each(shadows, sources)
             elif len(shadows) == 1 and not isinstance(weight, list):
                 shadows[0].lerp_(sources[0], weight)
             else:
-                torch._foreach_lerp_(shadows, sources, weight)
+                torch_compat.foreach_lerp_(shadows, sources, weight)
         for shadows, sources, _ in plan.copies:
             _copy_each(shadows, sources)
         for entry, value in values:
@@ -873,7 +874,7 @@ def _copy_spans(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> Non
 def _copy_each(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     """``targets[i].copy_(sources[i])``: one foreach kernel when no copy crosses devices."""
     if all(t.device == s.device for t, s in zip(targets, sources)):
-        torch._foreach_copy_(targets, sources)
+        torch_compat.foreach_copy_(targets, sources)
     else:
         for t, s in zip(targets, sources):
             t.copy_(s)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from polyak import _torch_compat as torch_compat
 from polyak.flat import runs, span
 
 __all__ = ["CopyBuffer", "RunCache", "dense_groups", "flat_copy", "flat_like"]
@@ -64,8 +65,7 @@ def flat_copy(
             members = [tensors[i] for i in idx]
             if len(members) > 1 and all(t.numel() for t in members):
                 # cat of the flattened tensors, then shaped views of the result (a fresh buffer).
-                buf = torch._C._nn.flatten_dense_tensors(members)
-                views = torch._C._nn.unflatten_dense_tensors(buf, members)
+                buf, views = torch_compat.flatten_dense(members)
             else:  # one tensor (flatten would return it, not a copy) or empty ones
                 buf, views = None, flat_like(members, copy=True)
             for i, v in zip(idx, views):
@@ -98,12 +98,12 @@ class CopyBuffer:
         buf = self._buf
         if buf is None or len(tensors) != len(self._views) or _copy_key(tensors) != self._key:
             return None
-        # Our own references: the buffer, its views, and the temporary storage object.
-        if _storage_use_count(buf) != len(self._views) + 2:
+        # Only our own tensors share the storage: the buffer and its views.
+        if torch_compat.storage_use_count(buf) != len(self._views) + 1:
             self._buf, self._views = None, []  # someone kept the last step's gradients
             return None
         with torch.no_grad():
-            torch._foreach_copy_(self._views, list(tensors))
+            torch_compat.foreach_copy_(self._views, list(tensors))
         return list(self._views), [buf]
 
 
@@ -112,13 +112,6 @@ def _copy_key(tensors: Sequence[torch.Tensor]) -> tuple:
     if any(t.is_sparse for t in tensors):
         return ()
     return (first.dtype, first.device, *(t.shape for t in tensors))
-
-
-def _storage_use_count(t: torch.Tensor) -> int:
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:  # not in this torch build: never reuse
-        return -1
-    return use_count(t.untyped_storage()._cdata)
 
 
 class RunCache:

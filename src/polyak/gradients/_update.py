@@ -26,15 +26,15 @@ the instance.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.optim.optimizer as torch_optimizer
 from torch.optim.adam import adam
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
+
+from polyak import _torch_compat as torch_compat
 
 __all__ = ["functional_update"]
 
@@ -49,11 +49,9 @@ def functional_update(opt: torch.optim.Optimizer) -> Update | None:
     kind = type(opt)
     if kind not in _UPDATES:
         return None
-    if "step" in vars(opt) or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks:
+    if "step" in vars(opt) or torch_compat.step_hooks_registered(opt):
         return None
-    if torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks:
-        return None
-    if torch.autograd._profiler_enabled() or torch.compiler.is_compiling():
+    if torch_compat.profiler_enabled() or torch.compiler.is_compiling():
         return None
     update = _UPDATES[kind]
 
@@ -68,12 +66,6 @@ def functional_update(opt: torch.optim.Optimizer) -> Update | None:
     return step
 
 
-# torch >= 2.7 folds AdamW into Adam: adam() takes the flag, and both classes' groups carry it.
-# Decided from the function, not the group: a group loaded from a newer torch's state dict
-# carries the key on an older torch too.
-_ADAM_DECOUPLES = "decoupled_weight_decay" in inspect.signature(adam).parameters
-
-
 def _adam(
     opt: torch.optim.Optimizer,
     group: dict[str, Any],
@@ -84,9 +76,7 @@ def _adam(
     entries = [state.get(p) for p in params]
     if not all(entries):
         return False
-    check = getattr(opt, "_accelerator_graph_capture_health_check", None) or getattr(
-        opt, "_cuda_graph_capture_health_check", None
-    )
+    check = torch_compat.graph_capture_check(opt)
     if check is None:
         return False
     check()  # as step(): raises under graph capture unless capturable
@@ -94,7 +84,10 @@ def _adam(
     beta1, beta2 = group["betas"]
     is_adamw = type(opt) is torch.optim.AdamW
     kwargs: dict[str, Any] = {}
-    if _ADAM_DECOUPLES:
+    # torch >= 2.7 folds AdamW into Adam: adam() takes the flag, and both classes' groups
+    # carry it. Decided from the function, not the group: a group loaded from a newer torch's
+    # state dict carries the key on an older torch too.
+    if torch_compat.adam_decouples_weight_decay():
         kwargs["decoupled_weight_decay"] = group.get("decoupled_weight_decay", is_adamw)
         update = adam
     else:
@@ -131,7 +124,7 @@ def _sgd(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
 ) -> bool:
-    if group["fused"] and getattr(opt, "_need_device_dtype_check_for_fused", True):
+    if group["fused"] and torch_compat.fused_check_pending(opt):
         return False  # step() checks devices and dtypes once, on the first fused step
     buffers: list[torch.Tensor | None] = []
     if group["momentum"] != 0:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyak import _torch_compat as torch_compat
 from polyak.gradients._buffers import CopyBuffer, RunCache, flat_copy
 from polyak.gradients.functional import as_tensor_list, gradients
 from polyak.gradients.global_step import GlobalStep
@@ -304,6 +305,6 @@ class Optimizer:
             grads = [p.grad for p in with_grad]
         _, lone, merged = self._clear_cache.layout(grads)  # type: ignore[arg-type]
         if merged:
-            torch._foreach_zero_(merged)
+            torch_compat.foreach_zero_(merged)
         for i in lone:
             with_grad[i].grad = None
