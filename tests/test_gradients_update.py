@@ -90,9 +90,23 @@ def test_direct_path_is_bit_identical_to_step(name, flat, device, monkeypatch):
             assert torch.equal(value, opt.inner.state[p][key]), key
     # Only the first step went through step() (the inner optimizer's, or on the flat path its
     # twin's): it creates the state, or for fused SGD checks devices; plain SGD needs neither.
+    # Where this torch lacks an internal the direct path relies on, every step goes through it.
     d = opt.inner.defaults
     stateless = isinstance(opt.inner, torch.optim.SGD) and not d["momentum"] and not d["fused"]
-    assert counter.calls == (0 if stateless else 1)
+    if _direct_path(opt.inner):
+        assert counter.calls == (0 if stateless else 1)
+    else:
+        assert counter.calls >= 3
+
+
+def _direct_path(opt: torch.optim.Optimizer) -> bool:
+    """Whether the internals polyak reads to step ``opt`` without ``step()`` are there."""
+    needed = ["step_hooks_registered", "profiler_enabled"]
+    if isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+        needed.append("graph_capture_check")
+    if opt.defaults.get("fused"):
+        needed.append("fused_check_pending")
+    return all(torch_compat.uses_fast(name) for name in needed)
 
 
 def test_step_hooks_and_schedulers_still_see_every_step(monkeypatch):
@@ -142,6 +156,8 @@ def test_adamw_on_torch_without_the_decoupled_flag(monkeypatch):
     ref, model = _model("cpu", False), _model("cpu", False)
     o_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
     opt = polyak.Optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    if not _direct_path(opt.inner):
+        pytest.skip("this torch steps every optimizer through step()")
     monkeypatch.setattr(torch_compat, "adam_decouples_weight_decay", lambda: False)
     routed = []
     monkeypatch.setattr(_update, "adamw", lambda *a, **k: routed.append(1) or adamw(*a, **k))
@@ -157,6 +173,8 @@ def test_adamw_on_torch_without_the_decoupled_flag(monkeypatch):
 
 def test_differentiable_and_sparse_steps_are_left_to_step():
     w = nn.Parameter(torch.ones(3))
+    if not _direct_path(torch.optim.Adam([w])):
+        pytest.skip("this torch steps every optimizer through step()")
     grad = torch.full((3,), 0.5)
     for opt in (
         torch.optim.SGD([w], lr=0.1, differentiable=True),

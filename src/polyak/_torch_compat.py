@@ -68,6 +68,7 @@ __all__ = [
     "profiler_enabled",
     "step_hooks_registered",
     "storage_use_count",
+    "uses_fast",
 ]
 
 # ---------------------------------------------------------------- multi-tensor kernels
@@ -89,6 +90,19 @@ def _per_tensor(method: str, returns: bool) -> Callable[..., Any]:
     return run
 
 
+def _mul_in_place_per_tensor(
+    tensors: Sequence[torch.Tensor], other: Any
+) -> None:
+    """``Tensor.mul_`` on each tensor (fallback of ``torch._foreach_mul_``). On the CPU the
+    in-place multi-tensor kernel rounds a Python-number factor to a float16/bfloat16 tensor's
+    dtype first (the out-of-place one does not), so this rounds it too."""
+    if isinstance(other, (int, float)) and tensors:
+        t = tensors[0]
+        if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
+            other = float(torch.tensor(other, dtype=t.dtype))
+    _per_tensor("mul_", returns=False)(tensors, other)
+
+
 def _norm_per_tensor(tensors: Sequence[torch.Tensor], ord: float = 2) -> list[torch.Tensor]:
     """``torch.linalg.vector_norm`` of each tensor (the fallback of ``torch._foreach_norm``)."""
     return [torch.linalg.vector_norm(t, ord) for t in tensors]
@@ -103,7 +117,7 @@ _FOREACH = {
     "foreach_div_": ("_foreach_div_", _per_tensor("div_", returns=False)),
     "foreach_lerp_": ("_foreach_lerp_", _per_tensor("lerp_", returns=False)),
     "foreach_mul": ("_foreach_mul", _per_tensor("mul", returns=True)),
-    "foreach_mul_": ("_foreach_mul_", _per_tensor("mul_", returns=False)),
+    "foreach_mul_": ("_foreach_mul_", _mul_in_place_per_tensor),
     "foreach_norm": ("_foreach_norm", _norm_per_tensor),
     "foreach_sub": ("_foreach_sub", _per_tensor("sub", returns=True)),
     "foreach_sub_": ("_foreach_sub_", _per_tensor("sub_", returns=False)),
@@ -372,6 +386,14 @@ def fast(name: str) -> Callable[..., Any] | None:
     return _FAST[name]
 
 
+def uses_fast(name: str) -> bool:
+    """Whether entry ``name`` runs on torch's internals here (choosing it now if not yet)."""
+    chosen = globals()[name]
+    if getattr(chosen, "__wrapped_entry__", None) == name:  # not chosen yet
+        chosen = _choose(name)
+    return chosen is not FALLBACKS[name]
+
+
 def _choose(name: str) -> Callable[..., Any]:
     """Bind entry ``name`` for good: its fast implementation, unless the probe failed or
     ``POLYAK_TORCH_FALLBACKS`` forces the fallback."""
@@ -388,6 +410,7 @@ def _first_call(name: str) -> Callable[..., Any]:
         return _choose(name)(*args, **kwargs)
 
     call.__name__ = name
+    call.__wrapped_entry__ = name  # type: ignore[attr-defined]
     return call
 
 
