@@ -235,6 +235,7 @@ class TestNumUpdates:
         assert torch.equal(a.average(ws[0]), b.average(ws[1]))
 
 
+@pytest.mark.numerics
 class TestZeroDebias:
     def test_hand_worked_float64(self):
         # decay 0.5, values 8, 4, 12:

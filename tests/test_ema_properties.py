@@ -7,6 +7,7 @@ import os
 import tempfile
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +15,8 @@ from tf_reference import tf_zero_debias_f32
 from torch import nn
 
 from polyak import ExponentialMovingAverage, schedules
+
+pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
 
 EMA = ExponentialMovingAverage
 

@@ -58,6 +58,7 @@ def _lists(device, dtype, seed):
     return one(), one()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("name", FOREACH)
 def test_foreach_fallback_is_bit_identical(name, dtype, device):
