@@ -104,7 +104,7 @@ def _direct_path(opt: torch.optim.Optimizer) -> bool:
     needed = ["step_hooks_registered", "profiler_enabled"]
     if isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
         needed.append("graph_capture_check")
-    if opt.defaults.get("fused"):
+    if isinstance(opt, torch.optim.SGD) and opt.defaults.get("fused"):
         needed.append("fused_check_pending")
     return all(torch_compat.uses_fast(name) for name in needed)
 
