@@ -285,6 +285,18 @@ class TestZeroDebias:
             assert torch.equal(got, torch.from_numpy(shadow)), (got, shadow)
         assert torch.equal(ema.state_dict()["values"]["stat"]["biased"], torch.from_numpy(biased))
 
+    @pytest.mark.parametrize("decay", [0.9, 0.99, 0.999])
+    def test_tensor_num_updates_debiases_as_an_int(self, decay):
+        # Both paths round the power once: 0.99 ** 3 in float32 ops (x * x * x) would not.
+        values = [np.full(2, v, np.float32) for v in (1.0, 2.0, 4.0, -3.0, 0.5)]
+        expected, _ = tf_zero_debias_f32(decay, values, 10**6)
+        by_int = EMA(decay, num_updates=10**6, zero_debias=True)
+        by_tensor = EMA(decay, num_updates=torch.tensor(10**6), zero_debias=True)
+        for value, shadow in zip(values, expected):
+            for ema in (by_int, by_tensor):
+                ema.apply({"x": torch.from_numpy(value)})
+                assert torch.equal(ema.average("x"), torch.from_numpy(shadow))
+
     @pytest.mark.parametrize("decay", [0.9, 0.999, 0.123])
     def test_float32_values_without_debias_bitwise(self, decay):
         rng = np.random.default_rng(1)

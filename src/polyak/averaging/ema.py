@@ -857,9 +857,11 @@ def _average_value(entry: _Entry, value: torch.Tensor, one_minus: float | torch.
     biased = entry.biased
     biased.sub_((biased - value) * one_minus)
     entry.local_step += 1
-    # bias_factor = 1 - (1 - (1 - decay)) ** local_step, each op rounded as TF's float32 ops.
+    # bias_factor = 1 - (1 - (1 - decay)) ** local_step, each op rounded as TF's float32 ops;
+    # the power in float64, rounded once (torch's float32 pow takes x * x * x for a cube).
     if isinstance(one_minus, torch.Tensor):
-        factor: float | torch.Tensor = 1.0 - (1.0 - one_minus) ** entry.local_step
+        power = ((1.0 - one_minus).double() ** entry.local_step).to(one_minus.dtype)
+        factor: float | torch.Tensor = 1.0 - power
     else:
         factor = _f32(1.0 - _f32(_f32(1.0 - one_minus) ** entry.local_step))
     torch.div(biased, factor, out=shadow)
