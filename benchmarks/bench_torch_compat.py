@@ -5,6 +5,8 @@ and with its public fallback forced, in the same run (docs/performance.md, "torc
 
 Groups (an entry's fallback is forced by binding it in ``polyak._torch_compat``):
 
+- ``control``: nothing forced, the internal-based variant against a second copy of itself
+  (how far from 1.0 a ratio strays by noise and memory placement alone);
 - ``direct_step``: ``step_hooks_registered``, ``profiler_enabled``, ``graph_capture_check``,
   ``fused_check_pending``; their fallbacks send every step through ``Optimizer.step``;
 - ``foreach``: every ``foreach_*`` entry; the fallbacks loop over tensors;
@@ -14,10 +16,11 @@ Cases: ``dqn``, one gradient step of ``DQN.train_burst`` (zoo CartPole-v1 preset
 minibatches of 64, as bench_rl_dqn_step.py); ``ddpg``, one ``DDPG.train_step`` (zoo Pendulum-v1
 preset, batch of 256: two minimize calls and two target updates); ``mlp48``, one
 ``opt.apply_gradients(opt.compute_gradients(loss))`` on bench_optimizer.py's mlp48 with
-global-norm clipping, plain and after ``flatten_parameters_``. Both variants of a case are built
-and timed under their own binding, one thread, in interleaved rounds whose order alternates;
-reported: the median CPU time per step and the median of the per-round ratios fallback/internal
-(above 1: the internal saves time). The weights of both variants must end bit-identical.
+global-norm clipping, plain and after ``flatten_parameters_``. Each variant of a case is built
+twice (internal, fallback, fallback, internal) and timed under its own binding, one thread, in
+interleaved rounds whose order alternates; reported: the median CPU time per step and the median
+of the per-round ratios fallback/internal (above 1: the internal saves time). The weights of
+all four instances must end bit-identical.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from polyak.rl.presets import make_config
 from polyak.rl.replay import ReplayBuffer
 
 GROUPS = {
+    "control": [],
     "direct_step": [
         "step_hooks_registered",
         "profiler_enabled",
@@ -141,24 +145,28 @@ CASES = {
 def compare(group: str, case_name: str, rounds: int, inner: int) -> tuple[float, float, float]:
     names = GROUPS[group]
     build, steps_per_call = CASES[case_name]()
-    runs = {}
-    for fallback in (False, True):
+    # Two instances per variant, built in the order internal, fallback, fallback, internal:
+    # where an instance lands in memory moves its time by several percent, and the order
+    # cancels most of it (the ``control`` group, the internal against itself, shows the rest).
+    runs: dict[bool, list] = {False: [], True: []}
+    for fallback in (False, True, True, False):
         with bound(names, fallback):
             step, weights = build()
             for _ in range(3):  # warm-up: state, caches, twins
                 step()
-        runs[fallback] = (step, weights)
+        runs[fallback].append((step, weights))
     times: dict[bool, list[float]] = {False: [], True: []}
     for r in range(rounds):
         for fallback in (False, True) if r % 2 == 0 else (True, False):
-            step = runs[fallback][0]
             with bound(names, fallback):
                 start = time.process_time()
                 for _ in range(inner):
-                    step()
-                times[fallback].append((time.process_time() - start) / inner / steps_per_call)
-    fast_w, slow_w = (runs[f][1]() for f in (False, True))
-    if not all(torch.equal(a, b) for a, b in zip(fast_w, slow_w)):
+                    for step, _ in runs[fallback]:
+                        step()
+                elapsed = time.process_time() - start
+            times[fallback].append(elapsed / inner / steps_per_call / 2)
+    weights = [w() for f in (False, True) for _, w in runs[f]]
+    if not all(all(torch.equal(a, b) for a, b in zip(weights[0], w)) for w in weights[1:]):
         raise SystemExit(f"{group}/{case_name}: weights differ between internal and fallback")
     ratios = [s / f for f, s in zip(times[False], times[True])]
     fast, slow = statistics.median(times[False]), statistics.median(times[True])
