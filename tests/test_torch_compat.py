@@ -198,24 +198,7 @@ def test_optimizer_on_fallback_kernels_is_bit_identical(name, flat, monkeypatch)
     _same(_optimizer_run(OPTIMIZERS[name], flat), fast)
 
 
-# ---------------------------------------------------------------- flat copies and storages
-
-
-def test_flatten_dense_fallback_is_bit_identical(device):
-    tensors = [
-        torch.arange(12.0, device=device).view(3, 4).t(),  # not contiguous
-        torch.full((5,), -1.5, device=device),
-        torch.tensor(2.0, device=device),
-    ]
-    (buf, views), (ref_buf, ref_views) = (
-        fast_or_skip("flatten_dense")(tensors),
-        torch_compat.FALLBACKS["flatten_dense"](tensors),
-    )
-    assert torch.equal(buf, ref_buf)
-    assert buf.data_ptr() not in {t.data_ptr() for t in tensors}  # a copy
-    for v, r, t in zip(views, ref_views, tensors):
-        assert v.shape == r.shape == t.shape and torch.equal(v, r) and torch.equal(v, t)
-        assert buf.data_ptr() <= v.data_ptr() < buf.data_ptr() + buf.nbytes
+# ---------------------------------------------------------------- storages
 
 
 def test_storage_use_count_counts_tensors_sharing_a_storage():
@@ -228,12 +211,11 @@ def test_storage_use_count_counts_tensors_sharing_a_storage():
     assert torch_compat.FALLBACKS["storage_use_count"](buf) is None
 
 
-@pytest.mark.parametrize("entry", ["flatten_dense", "storage_use_count"])
-def test_gradient_copies_on_fallback_are_bit_identical(entry, monkeypatch):
+def test_gradient_copies_on_fallback_are_bit_identical(monkeypatch):
     make = OPTIMIZERS["sgd-momentum"]
-    force(monkeypatch, [entry], fallback=False)
+    force(monkeypatch, ["storage_use_count"], fallback=False)
     fast = _optimizer_run(make, flat=False, steps=6)
-    force(monkeypatch, [entry], fallback=True)
+    force(monkeypatch, ["storage_use_count"], fallback=True)
     _same(_optimizer_run(make, flat=False, steps=6), fast)
 
 
@@ -342,8 +324,8 @@ def test_a_probe_rejects_an_internal_that_behaves_differently(monkeypatch):
     monkeypatch.setattr(torch_compat, "_raw_use_count", lambda t: 7)
     assert torch_compat.fast("storage_use_count") is None
     monkeypatch.setattr(torch_compat, "_FAST", {})
-    monkeypatch.delattr(torch._C._nn, "flatten_dense_tensors")
-    assert torch_compat.fast("flatten_dense") is None
+    monkeypatch.delattr(torch, "_foreach_zero_")  # as a release without it
+    assert torch_compat.fast("foreach_zero_") is None
 
 
 def _run_python(code: str, fallbacks: str) -> subprocess.CompletedProcess:
@@ -361,10 +343,10 @@ def test_environment_variable_forces_fallbacks():
     everything = _run_python(code, "all")
     assert everything.returncode == 0, everything.stderr
     assert everything.stdout.strip() == "[]"
-    some = _run_python(code, "foreach_norm, flatten_dense")
+    some = _run_python(code, "foreach_norm, storage_use_count")
     assert some.returncode == 0, some.stderr
     chosen = eval(some.stdout)
-    assert "foreach_norm" not in chosen and "flatten_dense" not in chosen
+    assert "foreach_norm" not in chosen and "storage_use_count" not in chosen
     assert "foreach_lerp_" in chosen or torch_compat.fast("foreach_lerp_") is None
 
 

@@ -13,8 +13,6 @@ Entries, with what the fallback does:
   underscore but are what ``torch.optim`` itself runs on, documented in torch's reference
   as beta. Fallback: the same op per tensor (same kernels on the CPU; on CUDA the norm of the
   per-tensor path may differ in the last bit, as it sums in another order).
-- :func:`flatten_dense`: one contiguous copy of tensors and its views
-  (``torch._C._nn.flatten_dense_tensors``, a C++ loop). Fallback: ``torch.cat`` and views.
 - :func:`storage_use_count`: how many tensors share a storage
   (``torch._C._storage_Use_Count``), to reuse a gradient buffer nobody else holds.
   Fallback: unknown (``None``), never reuse.
@@ -49,7 +47,6 @@ __all__ = [
     "FALLBACKS",
     "adam_decouples_weight_decay",
     "fast",
-    "flatten_dense",
     "foreach_add_",
     "foreach_clamp_max_",
     "foreach_clamp_min_",
@@ -90,9 +87,10 @@ def _per_tensor(method: str, returns: bool) -> Callable[..., Any]:
     return run
 
 
-def _mul_in_place_per_tensor(
-    tensors: Sequence[torch.Tensor], other: Any
-) -> None:
+_mul_each_ = _per_tensor("mul_", returns=False)
+
+
+def _mul_in_place_per_tensor(tensors: Sequence[torch.Tensor], other: Any) -> None:
     """``Tensor.mul_`` on each tensor (fallback of ``torch._foreach_mul_``). On the CPU the
     in-place multi-tensor kernel rounds a Python-number factor to a float16/bfloat16 tensor's
     dtype first (the out-of-place one does not), so this rounds it too."""
@@ -100,7 +98,7 @@ def _mul_in_place_per_tensor(
         t = tensors[0]
         if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
             other = float(torch.tensor(other, dtype=t.dtype))
-    _per_tensor("mul_", returns=False)(tensors, other)
+    _mul_each_(tensors, other)
 
 
 def _norm_per_tensor(tensors: Sequence[torch.Tensor], ord: float = 2) -> list[torch.Tensor]:
@@ -164,32 +162,7 @@ def _probe_foreach(name: str, op: Callable[..., Any]) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- flat copies and storages
-
-
-def _flatten_dense_fast(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    buf = torch._C._nn.flatten_dense_tensors(list(tensors))
-    return buf, list(torch._C._nn.unflatten_dense_tensors(buf, list(tensors)))
-
-
-def _flatten_dense_public(
-    tensors: Sequence[torch.Tensor],
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    buf = torch.cat([t.reshape(-1) for t in tensors])
-    pieces = buf.split([t.numel() for t in tensors])
-    return buf, [p.view(t.shape) for p, t in zip(pieces, tensors)]
-
-
-def _probe_flatten(fast: Callable[..., Any]) -> bool:
-    tensors = [torch.arange(6.0).view(2, 3).t(), torch.full((4,), 7.0)]
-    buf, views = fast(tensors)
-    ref_buf, ref_views = _flatten_dense_public(tensors)
-    start, end = buf.data_ptr(), buf.data_ptr() + buf.nbytes
-    return (
-        torch.equal(buf, ref_buf)
-        and all(v.shape == r.shape and torch.equal(v, r) for v, r in zip(views, ref_views))
-        and all(start <= v.data_ptr() < end and v.is_contiguous() for v in views)
-    )
+# ---------------------------------------------------------------- storages
 
 
 def _raw_use_count(t: torch.Tensor) -> int:
@@ -339,7 +312,6 @@ _ENTRIES: dict[str, tuple[Callable[[], Any], Any, Callable[[Any], bool]]] = {
     for name, (op, fallback) in _FOREACH.items()
 }
 _ENTRIES.update(
-    flatten_dense=(lambda: _flatten_dense_fast, _flatten_dense_public, _probe_flatten),
     storage_use_count=(_use_count_fast, _use_count_unknown, _probe_use_count),
     step_hooks_registered=(lambda: _hooks_fast, _assume_true, _probe_hooks),
     profiler_enabled=(lambda: _profiler_fast, _assume_true, _probe_profiler),
@@ -426,9 +398,6 @@ foreach_norm = _first_call("foreach_norm")
 foreach_sub = _first_call("foreach_sub")
 foreach_sub_ = _first_call("foreach_sub_")
 foreach_zero_ = _first_call("foreach_zero_")
-flatten_dense = _first_call("flatten_dense")
-"""``(buffer, views)``: one new contiguous buffer holding copies of the tensors, and views of
-it shaped like them."""
 storage_use_count = _first_call("storage_use_count")
 """How many tensors share ``t``'s storage (``t`` and its views included); ``None`` when this
 torch cannot tell."""

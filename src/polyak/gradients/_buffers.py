@@ -34,13 +34,19 @@ def flat_like(tensors: Sequence[torch.Tensor], *, copy: bool) -> list[torch.Tens
     kernel per buffer. Sparse entries are passed through as they are."""
     out = list(tensors)
     for (device, dtype), idx in dense_groups(tensors).items():
+        members = [tensors[i] for i in idx]
         if copy:
-            buf = torch.cat([tensors[i].reshape(-1) for i in idx])
+            buf = torch.cat([t.reshape(-1) for t in members])
         else:
-            buf = torch.empty(sum(tensors[i].numel() for i in idx), device=device, dtype=dtype)
-        for i, piece in zip(idx, buf.split([tensors[i].numel() for i in idx])):
-            out[i] = piece.view(tensors[i].shape)
+            buf = torch.empty(sum(t.numel() for t in members), device=device, dtype=dtype)
+        for i, view in zip(idx, _shaped_views(buf, members)):
+            out[i] = view
     return out
+
+
+def _shaped_views(buf: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of ``buf`` shaped like ``tensors``."""
+    return [p.view(t.shape) for p, t in zip(buf.split([t.numel() for t in tensors]), tensors)]
 
 
 def flat_copy(
@@ -64,9 +70,9 @@ def flat_copy(
         for idx in groups.values():
             members = [tensors[i] for i in idx]
             if len(members) > 1 and all(t.numel() for t in members):
-                # cat of the flattened tensors, then shaped views of the result (a fresh buffer).
-                buf, views = torch_compat.flatten_dense(members)
-            else:  # one tensor (flatten would return it, not a copy) or empty ones
+                buf = torch.cat([t.reshape(-1) for t in members])  # a fresh buffer
+                views = _shaped_views(buf, members)
+            else:  # one tensor or empty ones: nothing to reuse
                 buf, views = None, flat_like(members, copy=True)
             for i, v in zip(idx, views):
                 out[i] = v
