@@ -1,16 +1,16 @@
 """What each torch internal in ``polyak._torch_compat`` buys: user cases timed with the internal
 and with its public fallback forced, in the same run (docs/performance.md, "torch internals").
 
-    python benchmarks/bench_torch_compat.py [--rounds 15] [--group direct_step foreach ...]
+    python benchmarks/bench_torch_compat.py [--rounds 15] [--group control foreach] [--case dqn ...]
 
 Groups (an entry's fallback is forced by binding it in ``polyak._torch_compat``):
 
 - ``control``: nothing forced, the internal-based variant against a second copy of itself
   (how far from 1.0 a ratio strays by noise and memory placement alone);
-- ``direct_step``: ``step_hooks_registered``, ``profiler_enabled``, ``graph_capture_check``,
-  ``fused_check_pending``; their fallbacks send every step through ``Optimizer.step``;
-- ``foreach``: every ``foreach_*`` entry; the fallbacks loop over tensors;
-- ``storage_use_count``: reuse of ``apply_gradients``' gradient copy.
+- ``foreach``: every ``foreach_*`` entry; the fallbacks loop over tensors.
+
+Earlier fast paths were measured with this script and removed for buying under 5 %
+(docs/performance.md, "torch internals").
 
 Cases: ``dqn``, one gradient step of ``DQN.train_burst`` (zoo CartPole-v1 preset, bursts of 128
 minibatches of 64, as bench_rl_dqn_step.py); ``ddpg``, one ``DDPG.train_step`` (zoo Pendulum-v1
@@ -26,18 +26,11 @@ all four instances must end bit-identical.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
-import glob
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,14 +45,7 @@ from polyak.rl.replay import ReplayBuffer
 
 GROUPS = {
     "control": [],
-    "direct_step": [
-        "step_hooks_registered",
-        "profiler_enabled",
-        "graph_capture_check",
-        "fused_check_pending",
-    ],
     "foreach": sorted(n for n in torch_compat.FALLBACKS if n.startswith("foreach_")),
-    "storage_use_count": ["storage_use_count"],
 }
 
 
@@ -89,11 +75,10 @@ def filled_replay(
     return replay
 
 
-def dqn_case(steps: int = 0) -> tuple[Callable[[], tuple[Callable[[], None], Callable]], int]:
-    """``steps`` gradient steps per burst (0: the preset's 128)."""
+def dqn_case() -> tuple[Callable[[], tuple[Callable[[], None], Callable]], int]:
     cfg = make_config("dqn", "CartPole-v1", "zoo")
     replay = filled_replay(4, 0, lambda g: int(g.integers(2)))
-    n, b = steps or cfg.gradient_steps, cfg.batch_size
+    n, b = cfg.gradient_steps, cfg.batch_size
     burst = replay.sample_burst(n, b)
 
     def build():
@@ -150,43 +135,11 @@ CASES = {
 }
 
 
-class Instructions:
-    """Instructions executed, counted by valgrind's callgrind: the same count whatever else
-    the machine runs. Needs the process to run under callgrind (``--instructions`` re-runs
-    this script so) and a two-function C helper, compiled here, that issues callgrind's dump
-    request."""
-
-    def __init__(self, out_file: str) -> None:
-        self.out_file = out_file
-        build = Path(tempfile.mkdtemp())
-        (build / "dump.c").write_text(
-            "#include <valgrind/callgrind.h>\nvoid dump(void) { CALLGRIND_DUMP_STATS; }\n"
-        )
-        lib = build / "libdump.so"
-        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", lib, build / "dump.c"], check=True)
-        self._dump = ctypes.CDLL(str(lib)).dump
-
-    def __call__(self) -> float:
-        """Instructions since the previous call (callgrind zeroes its counters at a dump)."""
-        self._dump()
-        newest = max(glob.glob(self.out_file + ".*"), key=lambda f: int(f.rsplit(".", 1)[1]))
-        for line in Path(newest).read_text().splitlines():
-            if line.startswith(("totals:", "summary:")):
-                return float(line.split()[1])
-        raise RuntimeError(f"no totals in {newest}")
-
-
-def cpu_seconds() -> float:
-    return time.process_time()
-
-
 def compare(
     group: str,
     case_name: str,
     rounds: int,
     inner: int,
-    meter: Callable[[], float],
-    warm_up: int = 3,
 ) -> tuple[float, float, float]:
     names = GROUPS[group]
     build, steps_per_call = CASES[case_name]()
@@ -197,7 +150,7 @@ def compare(
     for fallback in (False, True, True, False):
         with bound(names, fallback):
             step, weights = build()
-            for _ in range(warm_up):  # state, caches, twins
+            for _ in range(3):  # warm-up: state, caches, twins
                 step()
         runs[fallback].append((step, weights))
     times: dict[bool, list[float]] = {False: [], True: []}
@@ -207,11 +160,11 @@ def compare(
         for r in range(rounds):
             for fallback in (False, True) if r % 2 == 0 else (True, False):
                 with bound(names, fallback):
-                    start = meter()
+                    start = time.process_time()
                     for _ in range(inner):
                         for step, _ in runs[fallback]:
                             step()
-                    elapsed = meter() - start if meter is cpu_seconds else meter()
+                    elapsed = time.process_time() - start
                 times[fallback].append(elapsed / inner / steps_per_call / 2)
     finally:
         gc.enable()
@@ -228,41 +181,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--group", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     p.add_argument("--case", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument(
-        "--instructions",
-        action="store_true",
-        help="count instructions under valgrind's callgrind instead of timing (about 50 times "
-        "slower; one round is enough, the counts repeat; kernel time such as page faults "
-        "is not counted; DQN bursts of 16 gradient steps)",
-    )
-    p.add_argument("--_callgrind_out", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.instructions and not args._callgrind_out:
-        out = os.path.join(tempfile.mkdtemp(), "callgrind.out")
-        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--", sys.executable]
-        rest = [a for a in sys.argv if a != "--instructions"]
-        raise SystemExit(
-            subprocess.run([*cmd, *rest, "--instructions", "--_callgrind_out", out]).returncode
-        )
     torch.set_num_threads(1)
-    meter: Callable[[], float] = cpu_seconds
-    unit, scale = "µs/step", 1e6
-    if args.instructions:
-        meter, unit, scale = Instructions(args._callgrind_out), "k instructions/step", 1e-3
     inner = {"dqn": 1, "ddpg": 20, "mlp48": 3, "mlp48 (flat)": 3}
-    if args.instructions:  # counts repeat: fewer steps do
-        inner = {"dqn": 1, "ddpg": 2, "mlp48": 1, "mlp48 (flat)": 1}
-    how = "instructions (callgrind)" if args.instructions else "CPU time"
-    print(f"torch {torch.__version__}, 1 thread, {args.rounds} interleaved rounds, {how}")
-    print(f"| group | case | internal {unit} | fallback {unit} | fallback / internal |")
+    print(f"torch {torch.__version__}, 1 thread, {args.rounds} interleaved rounds, CPU time")
+    print("| group | case | internal µs/step | fallback µs/step | fallback / internal |")
     print("|---|---|---:|---:|---:|")
-    if args.instructions:  # bursts of 16 gradient steps, not 128: 50 times slower here
-        CASES["dqn"] = lambda: dqn_case(16)
     for group in args.group:
         for name in args.case:
-            fast, slow, ratio = compare(group, name, args.rounds, inner[name], meter)
+            fast, slow, ratio = compare(group, name, args.rounds, inner[name])
             print(
-                f"| {group} | {name} | {fast * scale:,.0f} | {slow * scale:,.0f} | {ratio:.3f} |",
+                f"| {group} | {name} | {fast * 1e6:,.0f} | {slow * 1e6:,.0f} | {ratio:.3f} |",
                 flush=True,
             )
 

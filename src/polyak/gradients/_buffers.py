@@ -7,10 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
-from polyak import _torch_compat as torch_compat
 from polyak.flat import runs, span
 
-__all__ = ["CopyBuffer", "RunCache", "dense_groups", "flat_copy", "flat_like"]
+__all__ = ["RunCache", "dense_groups", "flat_copy", "flat_like"]
 
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
@@ -50,19 +49,10 @@ def _shaped_views(buf: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[to
 
 
 def flat_copy(
-    tensors: Sequence[torch.Tensor], scratch: CopyBuffer | None = None
+    tensors: Sequence[torch.Tensor],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """``flat_like(tensors, copy=True)`` in few C++ calls, and the merged runs of the copies
-    when they are a single buffer (else ``None``: let ``coalesce`` find them).
-
-    With ``scratch``, the buffer of an earlier call is reused when the tensors have the same
-    shapes, dtype and device and nothing but ``scratch`` still refers to it (a fresh buffer of
-    13 MB cost 3,000 page faults per step on Linux; see docs/performance.md).
-    """
-    if scratch is not None:
-        reused = scratch.copy(tensors)
-        if reused is not None:
-            return reused
+    """``flat_like(tensors, copy=True)``, and the merged runs of the copies when they are a
+    single buffer (else ``None``: let ``coalesce`` find them)."""
     groups = dense_groups(tensors)
     out = list(tensors)
     buffers: list[torch.Tensor | None] = []
@@ -70,54 +60,16 @@ def flat_copy(
         for idx in groups.values():
             members = [tensors[i] for i in idx]
             if len(members) > 1 and all(t.numel() for t in members):
-                buf = torch.cat([t.reshape(-1) for t in members])  # a fresh buffer
+                buf = torch.cat([t.reshape(-1) for t in members])
                 views = _shaped_views(buf, members)
-            else:  # one tensor or empty ones: nothing to reuse
+            else:  # one tensor or empty ones: no run to hand out
                 buf, views = None, flat_like(members, copy=True)
             for i, v in zip(idx, views):
                 out[i] = v
             buffers.append(buf)
     if len(buffers) == 1 and buffers[0] is not None:
-        if scratch is not None and len(out) == len(groups[next(iter(groups))]):
-            scratch.keep(buffers[0], out)
         return out, [buffers[0]]
     return out, None
-
-
-class CopyBuffer:
-    """The buffer of :func:`flat_copy`'s last single-buffer copy, for reuse."""
-
-    __slots__ = ("_buf", "_key", "_views")
-
-    def __init__(self) -> None:
-        self._buf: torch.Tensor | None = None
-        self._views: list[torch.Tensor] = []
-        self._key: tuple = ()
-
-    def keep(self, buf: torch.Tensor, views: list[torch.Tensor]) -> None:
-        self._buf, self._views = buf, list(views)
-        self._key = _copy_key(views)
-
-    def copy(
-        self, tensors: Sequence[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-        buf = self._buf
-        if buf is None or len(tensors) != len(self._views) or _copy_key(tensors) != self._key:
-            return None
-        # Only our own tensors share the storage: the buffer and its views.
-        if torch_compat.storage_use_count(buf) != len(self._views) + 1:
-            self._buf, self._views = None, []  # someone kept the last step's gradients
-            return None
-        with torch.no_grad():
-            torch_compat.foreach_copy_(self._views, list(tensors))
-        return list(self._views), [buf]
-
-
-def _copy_key(tensors: Sequence[torch.Tensor]) -> tuple:
-    first = tensors[0]
-    if any(t.is_sparse for t in tensors):
-        return ()
-    return (first.dtype, first.device, *(t.shape for t in tensors))
 
 
 class RunCache:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from polyak import _torch_compat as torch_compat
-from polyak.gradients._buffers import CopyBuffer, RunCache, flat_copy
+from polyak.gradients._buffers import RunCache, flat_copy
 from polyak.gradients.functional import as_tensor_list, gradients
 from polyak.gradients.global_step import GlobalStep
 from polyak.gradients.stepping import InnerStepper
@@ -66,7 +66,6 @@ class Optimizer:
         # in place), .grad after it (the transforms' runs).
         self._clear_cache = RunCache()
         self._grad_cache = RunCache()
-        self._copies = CopyBuffer()  # apply_gradients' copy of the caller's gradients
 
     # ------------------------------------------------------------------ passthrough
 
@@ -126,7 +125,7 @@ class Optimizer:
             )
         runs = None
         if self._has_transforms():
-            grads, runs = flat_copy(grads, self._copies)  # never edit the caller's tensors
+            grads, runs = flat_copy(grads)  # never edit the caller's tensors
         self._apply(params, grads, global_step, runs)
 
     def minimize(
