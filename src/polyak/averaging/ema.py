@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from polyak import _torch_compat as torch_compat
 from polyak._checks import (
     check_bool,
     check_device,
@@ -1015,15 +1016,15 @@ class ExponentialMovingAverage:
                 weight = [w] * len(shadows)
             if self.exact_tf:
                 # TF's op sequence: v -= (v - value) * (1 - decay), each op rounded on its own.
-                diff = torch._foreach_sub(shadows, sources)
-                torch._foreach_mul_(diff, weight)
-                torch._foreach_sub_(shadows, diff)
+                diff = torch_compat.foreach_sub(shadows, sources)
+                torch_compat.foreach_mul_(diff, weight)
+                torch_compat.foreach_sub_(shadows, diff)
             elif weight == 1.0:  # decay 0: a copy (see update())
                 _copy_each(shadows, sources)
             elif len(shadows) == 1 and not isinstance(weight, list):
                 shadows[0].lerp_(sources[0], weight)
             else:
-                torch._foreach_lerp_(shadows, sources, weight)
+                torch_compat.foreach_lerp_(shadows, sources, weight)
         for shadows, sources, _ in plan.copies:
             _copy_each(shadows, sources)
         for entry, value in values:
@@ -1058,9 +1059,11 @@ def _average_value(entry: _Entry, value: torch.Tensor, one_minus: float | torch.
     biased = entry.biased
     biased.sub_((biased - value) * one_minus)
     entry.local_step += 1
-    # bias_factor = 1 - (1 - (1 - decay)) ** local_step, each op rounded as TF's float32 ops.
+    # bias_factor = 1 - (1 - (1 - decay)) ** local_step, each op rounded as TF's float32 ops;
+    # the power in float64, rounded once (torch's float32 pow takes x * x * x for a cube).
     if isinstance(one_minus, torch.Tensor):
-        factor: float | torch.Tensor = 1.0 - (1.0 - one_minus) ** entry.local_step
+        power = ((1.0 - one_minus).double() ** entry.local_step).to(one_minus.dtype)
+        factor: float | torch.Tensor = 1.0 - power
     else:
         factor = _f32(1.0 - _f32(_f32(1.0 - one_minus) ** entry.local_step))
     torch.div(biased, factor, out=shadow)
@@ -1075,7 +1078,7 @@ def _copy_spans(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> Non
 def _copy_each(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     """``targets[i].copy_(sources[i])``: one foreach kernel when no copy crosses devices."""
     if all(t.device == s.device for t, s in zip(targets, sources)):
-        torch._foreach_copy_(targets, sources)
+        torch_compat.foreach_copy_(targets, sources)
     else:
         for t, s in zip(targets, sources):
             t.copy_(s)

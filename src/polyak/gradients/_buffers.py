@@ -9,7 +9,7 @@ import torch
 
 from polyak.flat import runs, span
 
-__all__ = ["CopyBuffer", "RunCache", "dense_groups", "flat_copy", "flat_like"]
+__all__ = ["RunCache", "dense_groups", "flat_copy", "flat_like"]
 
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
@@ -33,29 +33,26 @@ def flat_like(tensors: Sequence[torch.Tensor], *, copy: bool) -> list[torch.Tens
     kernel per buffer. Sparse entries are passed through as they are."""
     out = list(tensors)
     for (device, dtype), idx in dense_groups(tensors).items():
+        members = [tensors[i] for i in idx]
         if copy:
-            buf = torch.cat([tensors[i].reshape(-1) for i in idx])
+            buf = torch.cat([t.reshape(-1) for t in members])
         else:
-            buf = torch.empty(sum(tensors[i].numel() for i in idx), device=device, dtype=dtype)
-        for i, piece in zip(idx, buf.split([tensors[i].numel() for i in idx])):
-            out[i] = piece.view(tensors[i].shape)
+            buf = torch.empty(sum(t.numel() for t in members), device=device, dtype=dtype)
+        for i, view in zip(idx, _shaped_views(buf, members)):
+            out[i] = view
     return out
 
 
-def flat_copy(
-    tensors: Sequence[torch.Tensor], scratch: CopyBuffer | None = None
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """``flat_like(tensors, copy=True)`` in few C++ calls, and the merged runs of the copies
-    when they are a single buffer (else ``None``: let ``coalesce`` find them).
+def _shaped_views(buf: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of ``buf`` shaped like ``tensors``."""
+    return [p.view(t.shape) for p, t in zip(buf.split([t.numel() for t in tensors]), tensors)]
 
-    With ``scratch``, the buffer of an earlier call is reused when the tensors have the same
-    shapes, dtype and device and nothing but ``scratch`` still refers to it (a fresh buffer of
-    13 MB cost 3,000 page faults per step on Linux; see docs/performance.md).
-    """
-    if scratch is not None:
-        reused = scratch.copy(tensors)
-        if reused is not None:
-            return reused
+
+def flat_copy(
+    tensors: Sequence[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """``flat_like(tensors, copy=True)``, and the merged runs of the copies when they are a
+    single buffer (else ``None``: let ``coalesce`` find them)."""
     groups = dense_groups(tensors)
     out = list(tensors)
     buffers: list[torch.Tensor | None] = []
@@ -63,62 +60,16 @@ def flat_copy(
         for idx in groups.values():
             members = [tensors[i] for i in idx]
             if len(members) > 1 and all(t.numel() for t in members):
-                # cat of the flattened tensors, then shaped views of the result (a fresh buffer).
-                buf = torch._C._nn.flatten_dense_tensors(members)
-                views = torch._C._nn.unflatten_dense_tensors(buf, members)
-            else:  # one tensor (flatten would return it, not a copy) or empty ones
+                buf = torch.cat([t.reshape(-1) for t in members])
+                views = _shaped_views(buf, members)
+            else:  # one tensor or empty ones: no run to hand out
                 buf, views = None, flat_like(members, copy=True)
             for i, v in zip(idx, views):
                 out[i] = v
             buffers.append(buf)
     if len(buffers) == 1 and buffers[0] is not None:
-        if scratch is not None and len(out) == len(groups[next(iter(groups))]):
-            scratch.keep(buffers[0], out)
         return out, [buffers[0]]
     return out, None
-
-
-class CopyBuffer:
-    """The buffer of :func:`flat_copy`'s last single-buffer copy, for reuse."""
-
-    __slots__ = ("_buf", "_key", "_views")
-
-    def __init__(self) -> None:
-        self._buf: torch.Tensor | None = None
-        self._views: list[torch.Tensor] = []
-        self._key: tuple = ()
-
-    def keep(self, buf: torch.Tensor, views: list[torch.Tensor]) -> None:
-        self._buf, self._views = buf, list(views)
-        self._key = _copy_key(views)
-
-    def copy(
-        self, tensors: Sequence[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-        buf = self._buf
-        if buf is None or len(tensors) != len(self._views) or _copy_key(tensors) != self._key:
-            return None
-        # Our own references: the buffer, its views, and the temporary storage object.
-        if _storage_use_count(buf) != len(self._views) + 2:
-            self._buf, self._views = None, []  # someone kept the last step's gradients
-            return None
-        with torch.no_grad():
-            torch._foreach_copy_(self._views, list(tensors))
-        return list(self._views), [buf]
-
-
-def _copy_key(tensors: Sequence[torch.Tensor]) -> tuple:
-    first = tensors[0]
-    if any(t.is_sparse for t in tensors):
-        return ()
-    return (first.dtype, first.device, *(t.shape for t in tensors))
-
-
-def _storage_use_count(t: torch.Tensor) -> int:
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:  # not in this torch build: never reuse
-        return -1
-    return use_count(t.untyped_storage()._cdata)
 
 
 class RunCache:
