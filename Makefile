@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test test-compat lint demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,27 @@ setup: $(STAMP)
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# The suite, then the numerics tests again with AVX-512 dispatch off (NumPy and PyTorch pick
+# other SIMD kernels there): their expected bits must hold on either kind of x86 CPU.
+NO_AVX512 := NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR" ATEN_CPU_CAPABILITY=avx2
+define run_tests
+	HYPOTHESIS_PROFILE=ci $(1) -m pytest -q
+	$(NO_AVX512) HYPOTHESIS_PROFILE=ci $(1) -m pytest -q -m numerics
+endef
+
 test: setup lint
-	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q
+	$(call run_tests,$(PY))
+
+# The suite on another torch release, in its own venv: make test-compat TORCH=2.4.1
+TORCH ?=
+COMPAT_VENV := .venv-torch-$(TORCH)
+test-compat:
+	@test -n "$(TORCH)" || { echo "usage: make test-compat TORCH=X.Y.Z"; exit 2; }
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	grep -v '^torch==' constraints.txt > $(COMPAT_VENV)/constraints.txt
+	$(COMPAT_VENV)/bin/python -m pip install --quiet -c $(COMPAT_VENV)/constraints.txt \
+		"torch==$(TORCH)" -e ".[dev,tensorboard]"
+	$(call run_tests,$(COMPAT_VENV)/bin/python)
 
 demo: setup
 	$(PY) -m polyak train ddpg --env Pendulum-v1 --preset zoo --total-steps 20000 --seed 0 --run-dir runs/demo
@@ -35,4 +54,4 @@ bench: setup
 	$(PY) benchmarks/bench_ema.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) .venv-torch-* build dist src/*.egg-info

@@ -10,19 +10,24 @@ Three measurements (docs/performance.md, "Post-hoc EMA"):
    against ema-pytorch's ``PostHocEMA.update()``, both tracking sigma_rel 0.05 and 0.10 and
    averaging at every call (ema-pytorch: ``update_every=1``, its default is 100; no snapshots
    while timing). Models: the 24-block MLP of bench_ema.py (``mlp(256, 24)``, 1.6 M
-   parameters, 96 tensors) and ``mlp(3584, 8)`` (103 M parameters).
+   parameters, 96 tensors) and ``mlp(3584, 8)`` (103 M parameters). Timed in the same rounds,
+   as probes: ema-pytorch's own ``lerp_`` calls without its per-call Python (one foreach per
+   average over its tensors), and one ``lerp_`` over the model's weights (the bandwidth).
+   Each contender's bytes per parameter and call and its effective bandwidth are reported.
 2. K = 1, 2, 3 averages of a flattened model: one ``EMAGroup`` pass and one ``PostHocEMA`` pass
    against K ``ExponentialMovingAverage.update()`` calls, and against the roofline
-   ``(4 + 8K)`` bytes per parameter, at the bandwidth of one ``lerp_`` over the same number of
-   elements measured in the same rounds (a lerp moves 12 bytes per element).
+   ``(4 + 8K)`` bytes per parameter: at the bandwidth of one ``lerp_`` of the model's weights
+   into a spare buffer (12 bytes per element) measured in the same rounds, and relative to the
+   same code's K = 1 time.
 3. Synthesis quality on one trajectory (examples/ema_demo.py's regression, SGD at lr 0.05):
    each library tracks sigma_rel 0.05 and 0.10 with snapshots every 100 steps, then
    synthesizes other sigma_rels at the last step; the reference is the exact power-function
    average of that sigma_rel, summed in float64 from the stored trajectory. Error: RMS of
    (synthesized - exact) over the RMS of (exact - last weights).
 
-Timing as bench_ema.py: contenders round-robin (the first one rotates), each timing a batch of
-consecutive calls, medians over rounds; ratios are medians of per-round ratios; ``gc`` off.
+Timing: contenders in ABBA order (each round reverses the one before; each pair of rounds
+starts one contender further on), each timing a batch of consecutive calls; medians over
+rounds; ratios are medians of per-round ratios; ``gc`` off.
 Before timing, every contender's averages are checked against the float64 closed form.
 """
 
@@ -53,6 +58,7 @@ from ema_demo import regression_task  # noqa: E402
 
 import polyak  # noqa: E402
 from polyak.averaging import EMAGroup  # noqa: E402
+from polyak.flat import coalesce  # noqa: E402
 
 RESULTS = HERE / "results"
 SIGMA_RELS = (0.05, 0.10)
@@ -61,7 +67,12 @@ SIGMA_RELS = (0.05, 0.10)
 def timed_rounds(
     contenders: dict[str, Callable[[], None]], batch_s: float, budget_s: float, rounds: tuple
 ) -> tuple[dict[str, list[float]], int, int]:
-    """Median-friendly timings: {name: [seconds per call, one per round]}, inner, rounds."""
+    """Median-friendly timings: {name: [seconds per call, one per round]}, inner, rounds.
+
+    ABBA order: odd rounds run the contenders in the reverse order of the round before, and
+    each pair of rounds starts one contender further on, so that no contender always runs
+    first, last, or right after the same neighbour (a slow one leaves caches and memory
+    controllers in another state)."""
     single = {}
     for name, f in contenders.items():
         f()
@@ -73,14 +84,16 @@ def timed_rounds(
         single[name] = best
     inner = max(1, min(200, round(batch_s / max(single.values()))))
     n = max(rounds[0], min(rounds[1], int(budget_s / (sum(single.values()) * inner))))
+    n += n % 2  # whole ABBA pairs
     times: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
     gc.collect()
     gc.disable()
     try:
         for r in range(n):
-            for j in range(len(names)):
-                name = names[(r + j) % len(names)]
+            shift = (r // 2) % len(names)
+            order = names[shift:] + names[:shift]
+            for name in order[::-1] if r % 2 else order:
                 f = contenders[name]
                 t0 = time.perf_counter_ns()
                 for _ in range(inner):
@@ -132,6 +145,21 @@ def check_power_average(
     return worst
 
 
+def weights_span(flat_model: nn.Module) -> torch.Tensor:
+    """The one contiguous buffer that ``flatten_parameters_`` made of the model's weights."""
+    (spans,) = coalesce([p.detach() for p in flat_model.parameters()])
+    assert len(spans) == 1, "expected a flattened model of one dtype"
+    return spans[0]
+
+
+def lerp_probe(flat_model: nn.Module) -> Callable[[], None]:
+    """One ``lerp_`` of the model's own weights into a spare buffer: 12 bytes per float32
+    parameter, the memory traffic of one average, at the bandwidth these very pages get."""
+    span = weights_span(flat_model)
+    spare = span.clone()
+    return lambda: spare.lerp_(span, 0.001)
+
+
 # ---------------------------------------------------------------------------- 1. update speed
 
 
@@ -173,20 +201,52 @@ def bench_update(name: str, factory, batch_s: float, budget_s: float, rounds: tu
         dev[f"polyak {g}"] = check_power_average("polyak", ours, history, gamma)
         dev[f"polyak (flat) {g}"] = check_power_average("flat", flat_ours, history, gamma)
         dev[f"ema-pytorch {g}"] = check_power_average("ema-pytorch", theirs, history, gamma, 1)
-    times, inner, n = timed_rounds(
-        {k: c.update for k, c in contenders.items()}, batch_s, budget_s, rounds
-    )
+    # Probes timed in the same rounds: ema-pytorch's own lerp_ calls without its per-call
+    # bookkeeping (the same kernels on the same tensors, one foreach per average), and the
+    # bandwidth of one lerp_ over the model's weights.
+    theirs_params = [
+        [p.detach() for p in e.ema_model.parameters()]
+        for e in contenders["ema-pytorch PostHocEMA"].ema_models
+    ]
+    online = [p.detach() for p in model.parameters()]
+
+    def their_lerps_alone(weights=(0.001, 0.002)):
+        for shadows, w in zip(theirs_params, weights):
+            torch._foreach_lerp_(shadows, online, w)
+
+    probes = {
+        "ema-pytorch's lerp_ calls alone": their_lerps_alone,
+        "lerp_ probe (12 B/param)": lerp_probe(flat),
+    }
+    calls = {k: c.update for k, c in contenders.items()} | probes
+    times, inner, n = timed_rounds(calls, batch_s, budget_s, rounds)
+    n_params = sum(p.numel() for p in model.parameters())
+    k = len(SIGMA_RELS)
+    # Bytes each moves per float32 parameter and call: a lerp_ reads the weight and the
+    # shadow and writes the shadow (12 B); one pass reads the weight once (4 + 8K).
+    traffic = {
+        "ema-pytorch PostHocEMA": 12 * k,
+        "polyak PostHocEMA": 4 + 8 * k,
+        "polyak PostHocEMA (flat)": 4 + 8 * k,
+        "ema-pytorch's lerp_ calls alone": 12 * k,
+        "lerp_ probe (12 B/param)": 12,
+    }
+    table = summary(times, "ema-pytorch PostHocEMA")
+    for label, c in table.items():
+        c["speedup_vs_ema_pytorch"] = 1 / c.pop("time_vs_ema-pytorch PostHocEMA")
+        c["bytes_per_param"] = traffic[label]
+        c["GBps"] = traffic[label] * n_params / (c["median_ms"] / 1e3) / 1e9
     result = {
         "model": name,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": n_params,
         "tensors": len(list(model.parameters())),
         "inner": inner,
         "rounds": n,
         "check_max_dev_closed_form": dev,
-        "contenders": summary(times, "ema-pytorch PostHocEMA"),
+        "contenders": {label: table[label] for label in contenders},
+        "probes": {label: table[label] for label in probes},
+        "bytes_ratio_ceiling": traffic["ema-pytorch PostHocEMA"] / traffic["polyak PostHocEMA"],
     }
-    for c in result["contenders"].values():
-        c["speedup_vs_ema_pytorch"] = 1 / c.pop("time_vs_ema-pytorch PostHocEMA")
     del contenders, model, flat
     gc.collect()
     return result
@@ -202,9 +262,14 @@ def bench_k_averages(name: str, factory, batch_s: float, budget_s: float, rounds
     decays = (0.999, 0.9999, 0.99999)
     sigmas = (0.05, 0.10, 0.20)
     contenders: dict[str, Callable[[], None]] = {}
+    # The roofline's bandwidth: one lerp_ of the model's own weights into a spare buffer (the
+    # pages the contenders read); lerp_ and copy_ between two fresh buffers for comparison.
+    span = weights_span(model)
+    spare = span.clone()
     a, b = torch.randn(n_params), torch.randn(n_params)
-    contenders["lerp_ (N elements)"] = lambda: a.lerp_(b, 0.001)
-    contenders["copy_ (N elements)"] = lambda: a.copy_(b)
+    contenders["lerp_ (N elements)"] = lerp_probe(model)
+    contenders["copy_ (N elements)"] = lambda: spare.copy_(span)
+    contenders["lerp_, fresh buffers"] = lambda: a.lerp_(b, 0.001)
     keep = []
     for k in (1, 2, 3):
         separate = [polyak.ExponentialMovingAverage(d) for d in decays[:k]]
@@ -232,12 +297,18 @@ def bench_k_averages(name: str, factory, batch_s: float, budget_s: float, rounds
         "rounds": n,
         "lerp_bandwidth_GBps": 12 * n_params / median(lerp) / 1e9,
         "copy_bandwidth_GBps": 8 * n_params / median(times["copy_ (N elements)"]) / 1e9,
+        "lerp_fresh_buffers_GBps": 12 * n_params / median(times["lerp_, fresh buffers"]) / 1e9,
         "contenders": summary(times, "lerp_ (N elements)"),
     }
+    # Two rooflines: (4 + 8K) / 12 times the lerp_ probe, and (4 + 8K) / 12 times the same
+    # code's K = 1 time (which holds any per-call cost the probe lacks).
     for label, c in result["contenders"].items():
         if label.startswith("K="):
             k = int(label[2])
             c["time_vs_roofline"] = c["time_vs_lerp_ (N elements)"] * 12 / (4 + 8 * k)
+            k1 = times["K=1" + label[3:]]
+            ratios = [t / t1 for t, t1 in zip(times[label], k1)]
+            c["time_vs_k1_roofline"] = median(ratios) * 12 / (4 + 8 * k)
     # The grouped and the separate EMAs took the same number of calls: same bits.
     for separate, group, _ in zip(keep[0::3], keep[1::3], keep[2::3]):
         for e1, e2 in zip(separate, group.emas):
@@ -331,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_s, budget_s, rounds, steps = 0.02, 3.0, (5, 15), 1000
     else:
         models = [("mlp-24x256", lambda: mlp(256, 24)), ("mlp-8x3584", lambda: mlp(3584, 8))]
-        batch_s, budget_s, rounds, steps = 0.2, 40.0, (11, 41), 4000
+        batch_s, budget_s, rounds, steps = 0.2, 60.0, (22, 62), 4000
     report: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "main()",
         "machine": {
@@ -362,8 +433,9 @@ def main(argv: list[str] | None = None) -> int:
             f"update {name} [{r['params']:,} params, {r['rounds']}x{r['inner']}, "
             f"{time.perf_counter() - t0:.0f}s]: "
             + ", ".join(
-                f"{k} {c['median_ms']:.2f}ms ({c['speedup_vs_ema_pytorch']:.2f}x)"
-                for k, c in r["contenders"].items()
+                f"{k} {c['median_ms']:.2f}ms ({c['speedup_vs_ema_pytorch']:.2f}x, "
+                f"{c['GBps']:.1f} GB/s)"
+                for k, c in (r["contenders"] | r["probes"]).items()
             ),
             flush=True,
         )
@@ -375,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             f"K averages {name} [lerp {r['lerp_bandwidth_GBps']:.1f} GB/s, copy "
             f"{r['copy_bandwidth_GBps']:.1f} GB/s, {time.perf_counter() - t0:.0f}s]: "
             + ", ".join(
-                f"{k} {c['median_ms']:.2f}ms ({c['time_vs_roofline']:.2f}x roofline)"
+                f"{k} {c['median_ms']:.2f}ms ({c['time_vs_roofline']:.2f}x roofline, "
+                f"{c['time_vs_k1_roofline']:.2f}x from K=1)"
                 for k, c in r["contenders"].items()
                 if "time_vs_roofline" in c
             ),

@@ -11,6 +11,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from tf_reference import tf_plain_f32, tf_zero_debias_f32
 from torch import nn
 
 from polyak import ExponentialMovingAverage
@@ -234,36 +235,7 @@ class TestNumUpdates:
         assert torch.equal(a.average(ws[0]), b.average(ws[1]))
 
 
-def tf_zero_debias_f32(decay: float, values: list[np.ndarray], n: int | None = None):
-    """TF's assign_moving_average(zero_debias=True), op by op in numpy float32."""
-    f = np.float32
-    d = f(decay)
-    if n is not None:
-        nf = f(n)
-        d = np.minimum(d, (f(1.0) + nf) / (f(10.0) + nf))
-    one_minus = f(f(1.0) - d)
-    biased = np.zeros_like(values[0])
-    local_step = f(0.0)
-    shadows = []
-    for value in values:
-        biased = biased - (biased - value) * one_minus
-        local_step = local_step + f(1.0)
-        factor = f(1.0) - np.power(f(1.0) - one_minus, local_step)
-        shadows.append((biased / factor).astype(np.float32))
-    return shadows, biased
-
-
-def tf_plain_f32(decay: float, values: list[np.ndarray]):
-    f = np.float32
-    one_minus = f(f(1.0) - f(decay))
-    shadow = np.zeros_like(values[0])
-    out = []
-    for value in values:
-        shadow = shadow - (shadow - value) * one_minus
-        out.append(shadow)
-    return out
-
-
+@pytest.mark.numerics
 class TestZeroDebias:
     def test_hand_worked_float64(self):
         # decay 0.5, values 8, 4, 12:
@@ -312,6 +284,18 @@ class TestZeroDebias:
             assert got.dtype == torch.float32
             assert torch.equal(got, torch.from_numpy(shadow)), (got, shadow)
         assert torch.equal(ema.state_dict()["values"]["stat"]["biased"], torch.from_numpy(biased))
+
+    @pytest.mark.parametrize("decay", [0.9, 0.99, 0.999])
+    def test_tensor_num_updates_debiases_as_an_int(self, decay):
+        # Both paths round the power once: 0.99 ** 3 in float32 ops (x * x * x) would not.
+        values = [np.full(2, v, np.float32) for v in (1.0, 2.0, 4.0, -3.0, 0.5)]
+        expected, _ = tf_zero_debias_f32(decay, values, 10**6)
+        by_int = EMA(decay, num_updates=10**6, zero_debias=True)
+        by_tensor = EMA(decay, num_updates=torch.tensor(10**6), zero_debias=True)
+        for value, shadow in zip(values, expected):
+            for ema in (by_int, by_tensor):
+                ema.apply({"x": torch.from_numpy(value)})
+                assert torch.equal(ema.average("x"), torch.from_numpy(shadow))
 
     @pytest.mark.parametrize("decay", [0.9, 0.999, 0.123])
     def test_float32_values_without_debias_bitwise(self, decay):

@@ -8,6 +8,8 @@ from torch import nn
 import polyak
 from polyak.step import GlobalStep
 
+pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
+
 
 def tf_assign_moving_average(shadow, value, decay, num_updates=None):
     """TF 1.x ExponentialMovingAverage.apply on a variable, op by op in float32 (numpy)."""

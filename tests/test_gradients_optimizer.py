@@ -82,7 +82,11 @@ def test_unused_variables_skipped_and_all_none_raises():
 
 def test_names_from_named_parameters_in_errors():
     model = _model()
-    opt = polyak.Optimizer(torch.optim.SGD(model.named_parameters(), lr=0.1))
+    try:
+        inner = torch.optim.SGD(model.named_parameters(), lr=0.1)
+    except TypeError:
+        pytest.skip("torch.optim takes named parameters from torch 2.6 on")
+    opt = polyak.Optimizer(inner)
     with pytest.raises(ValueError, match=r"2\.bias"):
         opt.apply_gradients([(None, model[2].bias)])
     other = nn.Parameter(torch.ones(1))
@@ -227,9 +231,9 @@ def test_minimize_reuses_flat_layout_and_follows_relayout():
             assert torch.equal(a, b)
 
 
-def test_apply_reuses_its_copy_only_when_nobody_kept_it():
-    """apply_gradients copies into one buffer it reuses across steps, unless a transform
-    (or anything else) kept the last step's gradients: those are never overwritten."""
+def test_apply_never_overwrites_gradients_a_transform_kept():
+    """apply_gradients hands the transforms a copy of the caller's gradients, a fresh one every
+    step: a transform that keeps last step's gradients finds them unchanged."""
 
     class Keep(T.Transform):
         def __init__(self):
@@ -238,17 +242,12 @@ def test_apply_reuses_its_copy_only_when_nobody_kept_it():
         def __call__(self, step):
             self.kept.append((step.grads[0].view(-1), step.grads[0].clone()))
 
-    for keep in (False, True):
-        m = _model()
-        ts = [T.clip_by_global_norm(1e-3)] + ([Keep()] if keep else [])
-        opt = polyak.Optimizer(torch.optim.SGD(m.parameters(), lr=0.1), ts)
-        ptrs = set()
-        for _ in range(4):
-            gv = opt.compute_gradients(_loss(m))
-            opt.apply_gradients(gv)
-            ptrs.add(opt._copies._buf.data_ptr() if opt._copies._buf is not None else None)
-        if keep:
-            for view, value in ts[1].kept:
-                assert torch.equal(view, value.view(-1))
-        else:
-            assert len(ptrs) == 1  # one buffer, reused
+    m = _model()
+    keep = Keep()
+    opt = polyak.Optimizer(
+        torch.optim.SGD(m.parameters(), lr=0.1), [T.clip_by_global_norm(1e-3), keep]
+    )
+    for _ in range(4):
+        opt.apply_gradients(opt.compute_gradients(_loss(m)))
+    for view, value in keep.kept:
+        assert torch.equal(view, value.view(-1))

@@ -167,7 +167,7 @@ def test_averaging_does_not_reach_the_gradients_package():
         ("polyak.optim.adam", "def f():\n    from polyak.rl import loop", "above"),
         ("polyak.grad.transforms", "from polyak.grad.clipping import _cast", "private name"),
         ("polyak.optim._base", "from polyak.grad import _buffers", "private to polyak.grad"),
-        ("polyak.rl.dqn", "from polyak.grad._update import functional_update", "public API"),
+        ("polyak.rl.dqn", "from polyak.grad._buffers import flat_copy", "public API"),
         ("polyak.averaging.ema", "from polyak.step import GlobalStep", None),
         ("polyak.averaging.multi", "from . import names", None),
         ("polyak.grad.transforms", "from polyak.grad._buffers import RunCache", None),

@@ -12,7 +12,7 @@ from torch import nn
 
 import polyak
 from polyak import ExponentialMovingAverage, GlobalStep, schedules
-from polyak.averaging import EMAGroup
+from polyak.averaging import EMAGroup, multi
 from polyak.averaging.multi import FanOutLerp
 
 
@@ -34,9 +34,17 @@ def tensors(shapes, dtype=torch.float32, seed=0, device="cpu"):
 SHAPES = [(7, 300), (300,), (5000,), (3, 1), ()]
 
 
+@pytest.fixture(params=["per chunk", "one call"])
+def dispatch(request, monkeypatch):
+    """Both ways FanOutLerp issues its chunks: K foreach calls per chunk (the CPU's way) and
+    one foreach call for all chunks (accelerators'), whatever the device at hand."""
+    monkeypatch.setattr(multi, "_PER_CHUNK", {"cpu"} if request.param == "per chunk" else set())
+    return request.param
+
+
 @pytest.mark.parametrize("chunk_bytes", [None, 4096, 1 << 16])
 @pytest.mark.parametrize("flat", [False, True])
-def test_fan_out_equals_one_lerp_per_average(chunk_bytes, flat, device):
+def test_fan_out_equals_one_lerp_per_average(chunk_bytes, flat, device, dispatch):
     sources = tensors(SHAPES, seed=1, device=device)
     if flat:  # back to back in one buffer: coalesced into one span, then chunked
         buf = torch.cat([s.reshape(-1) for s in sources])
@@ -56,6 +64,59 @@ def test_fan_out_equals_one_lerp_per_average(chunk_bytes, flat, device):
     for got_row, want_row in zip(shadows, expected):
         for got, want in zip(got_row, want_row):
             assert torch.equal(got, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 9000), min_size=1, max_size=12),
+    flat=st.lists(st.booleans(), min_size=12, max_size=12),
+    weights=st.lists(
+        st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 0.5, 1.0])), min_size=1, max_size=4
+    ),
+    chunk_bytes=st.sampled_from([None, 4096, 1 << 15, 1 << 16]),
+    one_call=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fan_out_property(sizes, flat, weights, chunk_bytes, one_call, seed):
+    """Any mix of tensors back to back in one buffer (``flat[i]``: tensor ``i`` follows
+    tensor ``i - 1``) or apart, any chunk size, K = 1 to 4 weights in [0, 1], both dispatches:
+    the bits of one ``lerp_`` (or, at weight 1, ``copy_``) per average and tensor."""
+    values = tensors([(n,) for n in sizes], seed=seed)
+    buffer = torch.cat([v for v in values])
+    sources, offset = [], 0
+    for v, joined in zip(values, flat):
+        sources.append(buffer[offset : offset + v.numel()] if joined else v.clone())
+        offset += v.numel()
+    shadows = [tensors([(n,) for n in sizes], seed=seed + 1 + k) for k in range(len(weights))]
+    expected = [
+        [s.clone().copy_(v) if w == 1.0 else s.clone().lerp_(v, w) for s, v in zip(row, sources)]
+        for row, w in zip(shadows, weights)
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(multi, "_PER_CHUNK", set() if one_call else {"cpu"})
+        FanOutLerp(sources, shadows, chunk_bytes=chunk_bytes)(weights)
+    for got_row, want_row in zip(shadows, expected):
+        for got, want in zip(got_row, want_row):
+            assert torch.equal(got, want)
+
+
+def test_small_tensors_share_chunks_and_calls(monkeypatch):
+    """On the CPU a step is K foreach calls per chunk, however many tensors fill it, and the
+    K averages take a chunk one after another: 600 separate tensors of 1000 floats fill three
+    1 MiB chunks (262 144 floats at most each), so K = 3 takes 9 calls, not 1800."""
+    calls = []
+    lerp = torch._foreach_lerp_
+
+    def counting(shadows, sources, weight):
+        calls.append((len(shadows), weight))
+        return lerp(shadows, sources, weight)
+
+    sources = tensors([(1000,)] * 600, seed=3)
+    shadows = [tensors([(1000,)] * 600, seed=4 + k) for k in range(3)]
+    fan = FanOutLerp(sources, shadows, chunk_bytes=1 << 20)
+    monkeypatch.setattr(torch, "_foreach_lerp_", counting)
+    fan([0.1, 0.2, 0.3])
+    assert calls == [(n, w) for n in (262, 262, 76) for w in (0.1, 0.2, 0.3)]
 
 
 def test_fan_out_casts_low_precision_weights_chunk_by_chunk():

@@ -11,6 +11,8 @@ from torch import nn
 
 from polyak import ExponentialMovingAverage, schedules
 
+pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
+
 
 def ema_pytorch_decay(step: int, beta: float, inv_gamma: float, power: float, min_value: float):
     """ema-pytorch's EMA.get_current_decay() with update_after_step=0, `step` already counted."""

@@ -96,9 +96,12 @@ def compounded(decay: float | torch.Tensor, every: int) -> float | torch.Tensor:
 def debias_factor(weight: Weight, local_step: int) -> float | torch.Tensor:
     """TF's zero-debias factor ``1 - (1 - (1 - decay)) ** local_step``, each op rounded as
     TF's float32 ops (``weight`` is ``1 - decay``): ``biased / factor`` is the unbiased
-    average of a value whose shadow started at zero."""
+    average of a value whose shadow started at zero. The power is taken in float64 and
+    rounded once on both paths (torch's float32 ``pow`` of a tensor takes ``x * x * x`` for
+    a cube and rounds twice)."""
     if isinstance(weight, torch.Tensor):
-        return 1.0 - (1.0 - weight) ** local_step
+        power = ((1.0 - weight).double() ** local_step).to(weight.dtype)
+        return 1.0 - power
     return f32(1.0 - f32(f32(1.0 - weight) ** local_step))
 
 

@@ -7,11 +7,15 @@ plain :class:`ExponentialMovingAverage` objects with different decays grouped in
     shadow_k = lerp(shadow_k, weight, w_k)          # k = 1..K
 
 Done one average after another, that reads every weight K times from memory: ``4K + 8K``
-bytes per float32 parameter. :class:`FanOutLerp` cuts the weights into cache-sized chunks and
-updates the K shadows of a chunk one after another before moving on, so each chunk of weights
-comes from memory once and from cache K - 1 times: ``4 + 8K`` bytes, the roofline. All chunks
-go to one ``torch._foreach_lerp_`` call (one kernel launch series on CUDA, a loop in C++ on the
-CPU).
+bytes per float32 parameter. :class:`FanOutLerp` cuts the weights into cache-sized chunks (a
+slice of a long span, or many small tensors side by side) and lets the K averages update a
+chunk one after another before moving on, so each chunk of weights comes from memory once and
+from cache K - 1 times: ``4 + 8K`` bytes, the roofline. Within a chunk each average streams
+through its shadows in order: a step that switched between the K shadow buffers at every
+tensor would start new memory streams at every call, which on a model of many separate
+tensors costs more than the cache saves (docs/performance.md, "Post-hoc EMA"). On the CPU a
+chunk is K ``torch._foreach_lerp_`` calls, each with its average's weight; on accelerators
+all chunks go to one ``_foreach_lerp_`` call with a list of weights (one launch series).
 
 Each average keeps its own contiguous storage, so its views, state dict and snapshots are
 those of a lone average, and each element gets exactly the arithmetic of that average's own
@@ -41,12 +45,14 @@ from polyak.flat import coalesce
 
 __all__ = ["EMAGroup", "FanOutLerp"]
 
-# Bytes of weights per chunk: the chunk and its K shadows must stay in cache between the K
-# lerps, and a chunk must be long enough that per-call overhead and broken prefetch streams do
-# not show (the sizes tried: docs/performance.md, "K averages in one pass"). On CUDA the
-# chunk sits well inside an L2 of tens of MiB.
+# Bytes of weights per chunk: a chunk of weights must stay in cache between the K lerps that
+# read it, and be long enough that per-call overhead and broken prefetch streams do not show
+# (the sizes tried: docs/performance.md, "K averages in one pass"). On CUDA the chunk sits well
+# inside an L2 of tens of MiB.
 _CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 8 << 20}
 _CHUNK_BYTES_OTHER = 8 << 20
+# Devices whose chunks each take K foreach calls; elsewhere one foreach call does all chunks.
+_PER_CHUNK = {"cpu"}
 
 _data_ptr = torch.Tensor.data_ptr
 
@@ -86,23 +92,48 @@ def _foreach_lerp_scalars(
             s.lerp_(v, w)
 
 
-class _Run:
-    """One coalesced span of weights and the matching spans of the K shadows, cut into
-    ``pieces`` of at most ``chunk`` elements (a strided tensor, such as a ``channels_last``
+def _pieces(
+    source: torch.Tensor, shadows: list[torch.Tensor], chunk: int
+) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """A coalesced span of weights and the matching spans of the K shadows, cut into pieces of
+    ``chunk`` elements from the span's start (a strided tensor, such as a ``channels_last``
     weight, stays one piece in its own shape)."""
+    n = source.numel()
+    if n <= chunk or not (source.is_contiguous() and all(t.is_contiguous() for t in shadows)):
+        return [(source, shadows)]
+    src, rows = source.view(-1), [t.view(-1) for t in shadows]
+    return [(src[a : a + chunk], [row[a : a + chunk] for row in rows]) for a in range(0, n, chunk)]
 
-    __slots__ = ("pieces", "shadows", "source")
 
-    def __init__(self, source: torch.Tensor, shadows: list[torch.Tensor], chunk: int) -> None:
-        self.source = source
-        self.shadows = shadows
-        n = source.numel()
-        if n > chunk and source.is_contiguous() and all(t.is_contiguous() for t in shadows):
-            src, rows = source.view(-1), [t.view(-1) for t in shadows]
-            bounds = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
-            self.pieces = [(src[a:b], [row[a:b] for row in rows]) for a, b in bounds]
-        else:
-            self.pieces = [(source, shadows)]
+class _Chunk:
+    """Pieces of weights that fill about one chunk (a slice of a long span, or many small
+    tensors), with the matching pieces of the K shadows. ``staged``: views of a staging buffer
+    shaped as the pieces, when the weights are cast to the shadows' dtype or device first."""
+
+    __slots__ = ("elements", "shadows", "sources", "staged")
+
+    def __init__(self, k: int) -> None:
+        self.elements = 0
+        self.sources: list[torch.Tensor] = []
+        self.shadows: list[list[torch.Tensor]] = [[] for _ in range(k)]
+        self.staged: list[torch.Tensor] | None = None
+
+    def add(self, source: torch.Tensor, shadows: list[torch.Tensor]) -> None:
+        self.elements += source.numel()
+        self.sources.append(source)
+        for row, s in zip(self.shadows, shadows):
+            row.append(s)
+
+    def lerp(self, ks: Sequence[int], weights: Sequence[float]) -> None:
+        """Averages ``ks``, one after another, move their pieces towards the weights by
+        ``weights[k]``: the weights come from memory for the first and from cache after."""
+        sources = self.sources
+        if self.staged is not None:
+            for staged, src in zip(self.staged, sources):
+                staged.copy_(src)
+            sources = self.staged
+        for k in ks:
+            torch._foreach_lerp_(self.shadows[k], sources, weights[k])
 
 
 class FanOutLerp:
@@ -158,29 +189,54 @@ class FanOutLerp:
             groups.setdefault(key, []).append(i)
         self.sources = list(sources)
         self.fingerprint = list(map(_data_ptr, self.sources))
-        self._runs: list[_Run] = []  # sources already of the shadows' dtype and device
-        self._cast_runs: list[_Run] = []  # sources cast chunk by chunk into a staging buffer
-        self._staging: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        # Copy steps (weight 1) go span by span, lerps chunk by chunk.
+        self._spans: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        chunks: list[_Chunk] = []
+        cast: list[_Chunk] = []  # chunks whose weights are cast into a staging buffer first
         for (v_dev, v_dtype, s_dev, s_dtype), idx in groups.items():
             srcs = [sources[i].detach() for i in idx]
             rows = [[shadows[k][i] for i in idx] for k in range(self.k)]
             spans = coalesce(srcs, *rows)
             size = torch.empty((), dtype=s_dtype).element_size()
             chunk = _chunk_elements(s_dev, size, chunk_bytes)
-            runs = [
-                _Run(src, [row[j] for row in spans[1:]], chunk) for j, src in enumerate(spans[0])
-            ]
-            if v_dev == s_dev and v_dtype == s_dtype:
-                self._runs += runs
-                continue
-            self._cast_runs += runs
-            longest = max(src.numel() for r in runs for src, _ in r.pieces)
-            held = self._staging.get((s_dev, s_dtype))
-            if held is None or held.numel() < longest:
-                self._staging[(s_dev, s_dtype)] = torch.empty(longest, dtype=s_dtype, device=s_dev)
-        # Per subset of averages (those that lerp this step): the interleaved chunk lists.
-        self._lists: dict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self._pieces = sum(len(r.pieces) for r in self._runs)
+            cast_group = v_dev != s_dev or v_dtype != s_dtype
+            if self.k == 1 and not cast_group:  # nothing to reuse: one chunk, fewest calls
+                chunk = max(chunk, sum(map(torch.Tensor.numel, srcs)))
+            first = len(chunks)
+            for j, src in enumerate(spans[0]):
+                span_shadows = [row[j] for row in spans[1:]]
+                self._spans.append((src, span_shadows))
+                for piece, piece_shadows in _pieces(src, span_shadows, chunk):
+                    if len(chunks) == first or chunks[-1].elements + piece.numel() > chunk:
+                        chunks.append(_Chunk(self.k))
+                    chunks[-1].add(piece, piece_shadows)
+            if cast_group:
+                cast += chunks[first:]
+        staging: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        for c in cast:
+            shadow = c.shadows[0][0]
+            held = staging.get((shadow.device, shadow.dtype))
+            if held is None or held.numel() < c.elements:
+                held = torch.empty(c.elements, dtype=shadow.dtype, device=shadow.device)
+                staging[(shadow.device, shadow.dtype)] = held
+        for c in cast:
+            stage = staging[(c.shadows[0][0].device, c.shadows[0][0].dtype)]
+            c.staged, offset = [], 0
+            for src in c.sources:
+                c.staged.append(stage[offset : offset + src.numel()].view(src.shape))
+                offset += src.numel()
+        # On the CPU each chunk is K foreach calls with one weight each (a list of weights
+        # costs more per tensor); elsewhere the chunks that need no cast all go to one
+        # foreach call: a few kernel launches instead of K per chunk.
+        self._chunks: list[_Chunk] = []
+        self._fused: list[_Chunk] = []
+        for c in chunks:
+            alone = c.staged is not None or c.shadows[0][0].device.type in _PER_CHUNK
+            (self._chunks if alone else self._fused).append(c)
+        # Per subset of averages (those that lerp this step): the fused call's lists.
+        self._lists: dict[
+            tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor], list[int]]
+        ] = {}
 
     def is_current(self) -> bool:
         """Whether every source still has the storage this plan was built on."""
@@ -194,37 +250,36 @@ class FanOutLerp:
         """
         if len(weights) != self.k:
             raise ValueError(f"FanOutLerp: {len(weights)} weights for {self.k} averages")
-        lerping = tuple(k for k, w in enumerate(weights) if w != 1.0)
-        copying = [k for k, w in enumerate(weights) if w == 1.0]
-        for k in copying:
-            for run in self._runs + self._cast_runs:
-                run.shadows[k].copy_(run.source)
+        ws = [float(w) for w in weights]
+        lerping = [k for k, w in enumerate(ws) if w != 1.0]
+        for k, w in enumerate(ws):
+            if w == 1.0:
+                for source, shadows in self._spans:
+                    shadows[k].copy_(source)
         if not lerping:
             return
-        ws = [float(weights[k]) for k in lerping]
-        if self._runs:
-            shadow_list, source_list = self._interleaved(lerping)
-            _foreach_lerp_scalars(shadow_list, source_list, ws * self._pieces)
-        for run in self._cast_runs:
-            first = run.shadows[0]
-            stage = self._staging[(first.device, first.dtype)]
-            for src, shadows in run.pieces:
-                staged = stage[: src.numel()].view(src.shape)
-                staged.copy_(src)
-                _foreach_lerp_scalars([shadows[k] for k in lerping], [staged] * len(lerping), ws)
+        for c in self._chunks:
+            c.lerp(lerping, ws)
+        if self._fused:
+            shadows, sources, which = self._fused_lists(tuple(lerping))
+            _foreach_lerp_scalars(shadows, sources, [ws[k] for k in which])
 
-    def _interleaved(self, ks: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Chunk-major lists: chunk 0 of every average in ``ks``, then chunk 1, ..."""
+    def _fused_lists(
+        self, ks: tuple[int, ...]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+        """Chunk by chunk, the pieces of every average in ``ks`` (``which``: each piece's
+        average), as :meth:`_Chunk.lerp` takes them."""
         lists = self._lists.get(ks)
         if lists is None:
-            shadow_list: list[torch.Tensor] = []
-            source_list: list[torch.Tensor] = []
-            for run in self._runs:
-                for src, shadows in run.pieces:
-                    for k in ks:
-                        shadow_list.append(shadows[k])
-                        source_list.append(src)
-            lists = self._lists[ks] = (shadow_list, source_list)
+            shadows: list[torch.Tensor] = []
+            sources: list[torch.Tensor] = []
+            which: list[int] = []
+            for c in self._fused:
+                for k in ks:
+                    shadows += c.shadows[k]
+                    sources += c.sources
+                    which += [k] * len(c.sources)
+            lists = self._lists[ks] = (shadows, sources, which)
         return lists
 
 

@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from polyak import _torch_compat as torch_compat
+
 __all__ = ["BufferPolicy", "canonical_name", "module_tensors", "tensor_owners"]
 
 BufferPolicy = Literal["average", "copy", "ignore"]
@@ -54,8 +56,8 @@ def module_tensors(
     if buffers == "ignore":
         return
     for prefix, sub in module.named_modules():
-        for local, buf in sub._buffers.items():
-            if buf is None or id(buf) in seen or local in sub._non_persistent_buffers_set:
+        for local, buf in torch_compat.persistent_buffers(sub):
+            if id(buf) in seen:
                 continue
             seen.add(id(buf))
             name = f"{prefix}.{local}" if prefix else local

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
+from polyak import _torch_compat as torch_compat
 from polyak.flat import coalesce
 
 __all__ = ["Plans", "UpdatePlan", "copy_each", "copy_spans", "local"]
@@ -108,15 +109,15 @@ class UpdatePlan:
             if isinstance(weight, torch.Tensor):
                 w = [weight.to(device=shadows[0].device, dtype=shadows[0].dtype)] * len(shadows)
             if exact_tf:
-                diff = torch._foreach_sub(shadows, sources)
-                torch._foreach_mul_(diff, w)
-                torch._foreach_sub_(shadows, diff)
+                diff = torch_compat.foreach_sub(shadows, sources)
+                torch_compat.foreach_mul_(diff, w)
+                torch_compat.foreach_sub_(shadows, diff)
             elif w == 1.0:
                 copy_each(shadows, sources)
             elif len(shadows) == 1 and not isinstance(w, list):
                 shadows[0].lerp_(sources[0], w)
             else:
-                torch._foreach_lerp_(shadows, sources, w)
+                torch_compat.foreach_lerp_(shadows, sources, w)
 
     def copy_(self, *, averaged: bool = True) -> None:
         """Copy the variables into their shadows: the copied entries, and with ``averaged``
@@ -167,7 +168,7 @@ class Plans:
 def copy_each(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     """``targets[i].copy_(sources[i])``: one foreach kernel when no copy crosses devices."""
     if all(t.device == s.device for t, s in zip(targets, sources)):
-        torch._foreach_copy_(targets, sources)
+        torch_compat.foreach_copy_(targets, sources)
     else:
         for t, s in zip(targets, sources):
             t.copy_(s)

@@ -1,5 +1,5 @@
-"""Per-step buffers of the optimizer and the transforms: copies of gradients, and the merged
-runs of a list of gradients remembered while their memory stays where it was."""
+"""Per-step buffers of the optimizer: copies of gradients in flat buffers, and the merged runs
+of a list of gradients remembered while their memory stays where it was."""
 
 from __future__ import annotations
 
@@ -8,85 +8,31 @@ from collections.abc import Sequence
 
 import torch
 
+from polyak import _torch_compat as torch_compat
 from polyak.flat import pack_like, runs, span
 
-__all__ = ["CopyBuffer", "RunCache"]
+__all__ = ["RunCache", "flat_copy"]
 
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _nbytes = operator.attrgetter("nbytes")
 
 
-class CopyBuffer:
-    """Copies of gradients in flat buffers (:func:`polyak.flat.pack_like`), reusing the last
-    step's buffer while nothing else refers to it.
-
-    A fresh buffer every step page-faults its memory in every step (docs/performance.md), so
-    the copies of one step go into the memory of the previous one when the gradients have the
-    same shapes, dtype and device and the last copies were dropped.
-    """
-
-    __slots__ = ("_buf", "_key", "_own", "_views")
-
-    def __init__(self) -> None:
-        self._buf: torch.Tensor | None = None
-        self._views: list[torch.Tensor] = []
-        self._key: tuple = ()
-        self._own = 0  # references to the buffer's storage that are ours
-
-    def copy(
-        self, tensors: Sequence[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """Copies of ``tensors`` (sparse ones passed through as they are), and the copies'
-        merged runs when the dense ones share one buffer (else ``None``: let
-        :func:`polyak.flat.coalesce` find them)."""
-        reused = self._reuse(tensors)
-        if reused is not None:
-            return reused
-        out = pack_like(tensors)
-        dense = [i for i, t in enumerate(tensors) if not t.is_sparse]
-        copies = [out[i] for i in dense]
-        _copy_each(copies, [tensors[i] for i in dense])
-        if len(copies) < 2 or len(runs(copies)) != 1:
-            return out, None
-        whole = span(copies, 0, len(copies))
-        own = _storage_use_count(whole)  # the returned copies are these same views
-        if len(copies) == len(out) and own > 0:
-            self._buf, self._views, self._key, self._own = whole, copies, _copy_key(copies), own
-        return out, [whole]
-
-    def _reuse(
-        self, tensors: Sequence[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-        buf = self._buf
-        if buf is None or len(tensors) != len(self._views) or _copy_key(tensors) != self._key:
-            return None
-        if _storage_use_count(buf) != self._own:
-            self._buf, self._views = None, []  # someone kept the last step's gradients
-            return None
-        _copy_each(self._views, list(tensors))
-        return list(self._views), [buf]
-
-
-def _copy_each(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
-    if not targets:
-        return
-    with torch.no_grad():
-        torch._foreach_copy_(targets, sources)
-
-
-def _copy_key(tensors: Sequence[torch.Tensor]) -> tuple:
-    first = tensors[0]
-    if any(t.is_sparse for t in tensors):
-        return ()
-    return (first.dtype, first.device, *(t.shape for t in tensors))
-
-
-def _storage_use_count(t: torch.Tensor) -> int:
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:  # not in this torch build: never reuse
-        return -1
-    return use_count(t.untyped_storage()._cdata)
+def flat_copy(
+    tensors: Sequence[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Copies of ``tensors`` in new flat buffers (:func:`polyak.flat.pack_like`; sparse ones
+    are passed through as they are), and the copies' merged runs when the dense ones share one
+    buffer (else ``None``: let :func:`polyak.flat.coalesce` find them)."""
+    out = pack_like(tensors)
+    dense = [i for i, t in enumerate(tensors) if not t.is_sparse]
+    copies = [out[i] for i in dense]
+    if copies:
+        with torch.no_grad():
+            torch_compat.foreach_copy_(copies, [tensors[i] for i in dense])
+    if len(copies) < 2 or len(runs(copies)) != 1:
+        return out, None
+    return out, [span(copies, 0, len(copies))]
 
 
 class RunCache:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from polyak import _torch_compat as torch_compat
 from polyak._checks import check_real
 from polyak.flat import coalesce
 
@@ -118,7 +119,7 @@ def clip_by_global_norm(
         norm = torch.tensor(use_norm)
     scale = global_scale(norm, clip_norm)
     dense = [t for t in tensors if not t.is_sparse]
-    scaled = iter(torch._foreach_mul(dense, as_dtype(scale, dense[0].dtype)) if dense else [])
+    scaled = iter(torch_compat.foreach_mul(dense, as_dtype(scale, dense[0].dtype)) if dense else [])
     out: list[torch.Tensor | None] = []
     for t in t_list:
         if t is None:
@@ -173,9 +174,9 @@ def norms_squared_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         t.device == device for t in tensors
     ):
         # The common case (one dtype and device, all dense): no per-norm casts.
-        return torch.stack(torch._foreach_norm(tensors)).square().sum()
+        return torch.stack(torch_compat.foreach_norm(tensors)).square().sum()
     dense = [t for t in tensors if not t.is_sparse]
-    norms = list(torch._foreach_norm(dense)) if dense else []
+    norms = list(torch_compat.foreach_norm(dense)) if dense else []
     norms += [t.coalesce().values().norm() for t in tensors if t.is_sparse]
     dtype = _promoted([t.dtype for t in tensors])
     return torch.stack([n.to(dtype=dtype, device=device) for n in norms]).square().sum()

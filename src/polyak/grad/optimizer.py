@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyak import _torch_compat as torch_compat
 from polyak._checks import check_mapping
 from polyak.flat import has_grad_slot, landed_gradients
-from polyak.grad._buffers import CopyBuffer, RunCache
+from polyak.grad._buffers import RunCache, flat_copy
 from polyak.grad.functional import as_tensor_list, gradients
 from polyak.grad.stepping import InnerStepper
 from polyak.grad.transforms import (
@@ -77,7 +78,6 @@ class Optimizer:
         # in place), .grad after it (the transforms' runs).
         self._clear_cache = RunCache()
         self._grad_cache = RunCache()
-        self._copies = CopyBuffer()  # apply_gradients' copy of the caller's gradients
 
     # ------------------------------------------------------------------ passthrough
 
@@ -135,7 +135,7 @@ class Optimizer:
             self._no_gradients([v for _, v in pairs])
         runs = None
         if self._has_transforms():
-            grads, runs = self._copies.copy(grads)  # never edit the caller's tensors
+            grads, runs = flat_copy(grads)  # never edit the caller's tensors
         self._apply(params, grads, global_step, runs)
 
     def minimize(
@@ -444,7 +444,7 @@ class Optimizer:
             grads = [p.grad for p in with_grad]
         _, lone, merged = self._clear_cache.layout(grads)  # type: ignore[arg-type]
         if merged:
-            torch._foreach_zero_(merged)
+            torch_compat.foreach_zero_(merged)
         for i in lone:
             p = with_grad[i]
             dropped.append((p, p.grad))  # type: ignore[arg-type]

@@ -18,10 +18,6 @@ without a gradient, memory that is no longer contiguous, a new ``inner.state``
 (``load_state_dict``). A group leaving the flat path first gets private copies of its shared
 0-dim state; it comes back when its parameters' scalar state agrees again (checked once, on the
 host, which syncs if that state lives on an accelerator: capturable or fused optimizers).
-
-Either way, a group whose state exists is stepped through torch's functional update rather
-than ``Optimizer.step`` (:mod:`polyak.grad._update`: the same bits, without step's
-wrapper) unless hooks, an LR scheduler or the group's settings need ``step`` itself.
 """
 
 from __future__ import annotations
@@ -34,7 +30,6 @@ import torch
 
 from polyak.flat import coalesce, span
 from polyak.grad._buffers import RunCache
-from polyak.grad._update import functional_update
 
 __all__ = ["InnerStepper"]
 
@@ -127,20 +122,17 @@ class InnerStepper:
                 undo, fresh, skip = [], [], None
             for twin, grad_runs in twinned:
                 self._step_twin(twin, grad_runs)
-            update = functional_update(inner)
-            pending = plain if update is None else [e for e in plain if e[1] and not update(*e)]
-            if update is None or pending:
-                # Through inner.step(), with .grad set for exactly the pending parameters. Always
-                # when step hooks or an LR scheduler watch it (update is None), even if twins did
-                # all the work: with no .grad set it touches nothing.
-                live = {id(p): g for _, ps, gs in pending for p, g in zip(ps, gs)}
-                for group in inner.param_groups:
-                    for p in group["params"]:
-                        g = live.get(id(p))
-                        if p.grad is not g:
-                            bound.append((p, p.grad))
-                            p.grad = g
-                inner.step()
+            # Through inner.step(), with .grad set for exactly the plain parameters; also when
+            # twins did all the work (with no .grad set it touches nothing), so that step
+            # hooks and LR schedulers see every step.
+            live = {id(p): g for _, ps, gs in plain for p, g in zip(ps, gs)}
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    g = live.get(id(p))
+                    if p.grad is not g:
+                        bound.append((p, p.grad))
+                        p.grad = g
+            inner.step()
             for t, old in undo:
                 t.copy_(torch.where(skip, old, t))  # type: ignore[arg-type]
             if any(state.get(t) for t, state in fresh) and bool(skip):
@@ -221,9 +213,6 @@ class InnerStepper:
         for k, v in self.inner.param_groups[twin.index].items():
             if k not in _NOT_HYPER:
                 tgroup[k] = v
-        update = functional_update(twin.opt)
-        if update is not None and update(tgroup, twin.runs, grad_runs):
-            return
         fresh = [run not in twin.opt.state for run in twin.runs]
         for run, g in zip(twin.runs, grad_runs):
             run.grad = g

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from polyak import _torch_compat as torch_compat
 from polyak._checks import check_device, check_int, check_mapping, check_real
 from polyak.flat import coalesce, pack_like, span
 from polyak.grad._buffers import RunCache
@@ -285,8 +286,8 @@ class clip_by_value(Transform):
     def __call__(self, step: GradientStep) -> None:
         runs, sparse = step.dense_runs()
         if runs:
-            torch._foreach_clamp_max_(runs, self.hi)
-            torch._foreach_clamp_min_(runs, self.lo)
+            torch_compat.foreach_clamp_max_(runs, self.hi)
+            torch_compat.foreach_clamp_min_(runs, self.lo)
         for i in sparse:
             step.grads[i] = _clip_values(step.grads[i], self.lo, self.hi)
 
@@ -306,11 +307,11 @@ class clip_by_norm(Transform):
         dense = [i for i, g in enumerate(step.grads) if not g.is_sparse]
         grads = [step.grads[i] for i in dense]
         if grads:
-            denominators = torch._foreach_norm(grads)
-            torch._foreach_clamp_min_(denominators, self.clip_norm)
+            denominators = torch_compat.foreach_norm(grads)
+            torch_compat.foreach_clamp_min_(denominators, self.clip_norm)
             # TF multiplies by clip_norm before dividing: keep its rounding.
-            torch._foreach_mul_(grads, self.clip_norm)
-            torch._foreach_div_(grads, denominators)
+            torch_compat.foreach_mul_(grads, self.clip_norm)
+            torch_compat.foreach_div_(grads, denominators)
         c = self.clip_norm
         for i, g in enumerate(step.grads):
             if g.is_sparse:
@@ -340,7 +341,7 @@ class clip_by_global_norm(Transform):
         factor = global_scale(norm, self.clip_norm)
         runs, sparse = step.dense_runs()
         if runs:
-            torch._foreach_mul_(runs, as_dtype(factor, runs[0].dtype))
+            torch_compat.foreach_mul_(runs, as_dtype(factor, runs[0].dtype))
         for i in sparse:
             step.grads[i] = map_values(step.grads[i], lambda v: v * factor.to(v.dtype))
         self.last_norm = norm
@@ -357,7 +358,7 @@ class scale(Transform):
     def __call__(self, step: GradientStep) -> None:
         runs, sparse = step.dense_runs()
         if runs:
-            torch._foreach_mul_(runs, self.s)
+            torch_compat.foreach_mul_(runs, self.s)
         for i in sparse:
             step.grads[i] = step.grads[i] * self.s
 
@@ -434,7 +435,7 @@ class add_noise(Transform):
         for (device, _), pieces in buffers.items():  # one draw per buffer, in parameter order
             span(pieces, 0, len(pieces)).normal_(generator=self._generator(device))
         runs, noise_runs = coalesce(step.grads, noise)
-        torch._foreach_add_(runs, noise_runs, alpha=std)
+        torch_compat.foreach_add_(runs, noise_runs, alpha=std)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -501,7 +502,7 @@ class skip_nonfinite(Transform):
                     "NaN, or raise max_consecutive"
                 )
         runs, sparse = step.dense_runs()
-        peaks = list(torch._foreach_norm(runs, ord=math.inf)) if runs else []
+        peaks = list(torch_compat.foreach_norm(runs, ord=math.inf)) if runs else []
         peaks += [step.grads[i].coalesce().values().abs().amax() for i in sparse]
         device = step.grads[0].device
         finite = torch.stack([p.to(device=device, dtype=torch.float32) for p in peaks])
@@ -622,15 +623,15 @@ class accumulate(Transform):
         if self.count < self.k:
             if runs_s:
                 if self.count == 1:
-                    torch._foreach_copy_(runs_s, runs_g)
+                    torch_compat.foreach_copy_(runs_s, runs_g)
                 else:
-                    torch._foreach_add_(runs_s, runs_g)
+                    torch_compat.foreach_add_(runs_s, runs_g)
             step.apply = False
             step.skip = None
             return
         if runs_g:
-            torch._foreach_add_(runs_g, runs_s)
-            torch._foreach_div_(runs_g, float(self.k))
+            torch_compat.foreach_add_(runs_g, runs_s)
+            torch_compat.foreach_div_(runs_g, float(self.k))
         for i, g in enumerate(grads):
             if g.is_sparse:
                 grads[i] = (sums[i] / self.k).coalesce()
