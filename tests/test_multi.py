@@ -15,6 +15,8 @@ from polyak import ExponentialMovingAverage, GlobalStep, schedules
 from polyak.averaging import EMAGroup, multi
 from polyak.averaging.multi import FanOutLerp
 
+pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
+
 
 @pytest.fixture(autouse=True)
 def one_thread():

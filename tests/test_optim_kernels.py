@@ -17,6 +17,8 @@ import polyak
 from polyak.optim import _batches, _exact
 from polyak.optim._arith import Arith, to_float32
 
+pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------- Arith

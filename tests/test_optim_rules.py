@@ -12,6 +12,8 @@ from tf1_numpy import Reference
 
 import polyak.optim as po
 
+pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
+
 F32 = float(np.float32(0.1))  # TF's learning rate 0.1: a float32
 
 

@@ -9,6 +9,8 @@ from torch import nn
 import polyak
 import polyak.optim as po
 
+pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
+
 # Optimizers whose TF sparse kernel is the dense rule on the touched rows (for rows of more
 # than one number): a sparse step equals dense steps of per-row variables, only the touched
 # ones stepping.

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
     "tf1_optimizer_reference", ROOT / "tools" / "tf1_optimizer_reference.py"
