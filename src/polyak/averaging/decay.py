@@ -69,8 +69,11 @@ def num_updates_ratio(n: int) -> float:
 
 
 def num_updates_saturation(decay32: float) -> int | None:
-    """The least ``n`` from which ``num_updates_ratio(n) >= decay32`` (it is non-decreasing
-    below ``F32_EXACT_INT``), or ``None`` if there is none below that bound."""
+    """A count ``n`` from which on ``num_updates_ratio(n) >= decay32`` (the ratio is
+    non-decreasing below ``F32_EXACT_INT``), or ``None`` if there is none below that bound.
+    It is the first such count at or after an estimate a little below where the exact ratio
+    crosses ``decay32``; float32 rounding may reach ``decay32`` a few counts earlier, where
+    the full computation gives the same weight anyway."""
     if decay32 >= 1.0:
         return None
     n = max(0, int((10.0 * decay32 - 1.0) / (1.0 - decay32)) - 2)
