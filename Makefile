@@ -31,7 +31,7 @@ endef
 test: setup lint
 	$(call run_tests,$(PY))
 
-# The suite on another torch release, in its own venv: make test-compat TORCH=2.4.1
+# The suite on another torch release, in its own venv: make test-compat TORCH=2.4.0
 TORCH ?=
 COMPAT_VENV := .venv-torch-$(TORCH)
 test-compat:
