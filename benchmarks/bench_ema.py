@@ -50,11 +50,7 @@ import torch
 from torch import nn
 
 import polyak
-
-try:
-    from polyak import GlobalStep
-except ImportError:  # not re-exported yet
-    from polyak.gradients.global_step import GlobalStep
+from polyak import GlobalStep
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -19,7 +19,7 @@ Variants (``c`` the clip norm):
 - ``compute+apply``: ``opt.apply_gradients(opt.compute_gradients(loss))``, same transform;
 - ``minimize (flat)``: ``minimize`` after ``polyak.flatten_parameters_(model)``: clipping runs
   one kernel per buffer, and so does the optimizer step where it can be twinned (SGD/Adam/AdamW,
-  not CPU ``fused``: that stays per tensor, see ``polyak.gradients.stepping``). ``--dqn-flat-adam
+  not CPU ``fused``: that stays per tensor, see ``polyak.grad.stepping``). ``--dqn-flat-adam
   foreach`` gives the flattened ``dqn`` models Adam ``foreach=True`` instead of ``fused=True``;
 - ``compute+apply (flat)``: the same on the flattened model;
 - ``torch (flat)``: the hand-written loop on a flattened model, with the flat variants' optimizer

@@ -8,9 +8,9 @@ overrides) through :func:`polyak.rl.train`, with extra ``polyak.ExponentialMovin
 copies of the online Q-network, each stepped after every gradient step, and at every
 evaluation (every 5000 environment steps and the final one) evaluates, with the protocol of
 the run itself (10 greedy episodes, seeds ``seed + 1000000 + k``), the online network and each
-average. The training run is the plain zoo run: the averages only read the weights. (For the
-length of each run, ``polyak.rl.loop.make_agent`` builds the DQN subclass carrying those
-averages in place of ``DQN``: the same construction and the same random draws.)
+average. The training run is the plain zoo run: the averages only read the weights. (The run
+trains a DQN subclass carrying those averages, built by ``polyak.rl.loop.build_agent`` as the
+loop builds its DQN: the same construction and the same random draws.)
 
 This is the selection study of docs/results.md: it runs on seeds that are *not* the reported
 ones, and its choice is then run, unchanged, on the reported seeds.
@@ -27,10 +27,10 @@ import numpy as np
 from torch import nn
 
 import polyak
-from polyak.rl import dqn as dqn_mod
 from polyak.rl import loop, make_config
 from polyak.rl.config import DQNConfig, parse_overrides
 from polyak.rl.dqn import DQN
+from polyak.rl.spaces import make_env
 
 # (name, decay, num_updates): the decays span 1000 to 10000 gradient steps (8 to 80 bursts of
 # 128, 2000 to 20000 environment steps); the longest uses TF's num_updates warm-up
@@ -104,30 +104,19 @@ class _StudyDQN(EvaluatingDQN):
 
 
 def train_with(agent_cls: type[DQN], config: DQNConfig, run_dir: Path) -> DQN:
-    """``polyak.rl.train(config, run_dir)`` with ``agent_cls`` (a ``DQN`` subclass taking the
-    same arguments) built where the loop builds ``DQN``: the same construction and the same
-    random draws, so the training run is the plain one. Returns the agent as the run left it
-    (with ``keep_best``, its policy network then holds the delivered copy): read what it
-    recorded during training, not its final weights."""
-    made: list[DQN] = []
-    real_make_agent = loop.make_agent
-
-    def make_agent(config, env, rng):
-        dqn_mod.DQN = agent_cls
-        try:
-            agent, codec, obs_dim = real_make_agent(config, env, rng)
-        finally:
-            dqn_mod.DQN = DQN
-        agent.codec = codec
-        made.append(agent)
-        return agent, codec, obs_dim
-
-    loop.make_agent = make_agent
+    """``polyak.rl.train(config, run_dir)`` on an ``agent_cls`` (a ``DQN`` subclass taking the
+    same arguments) built as the loop builds its ``DQN`` (``loop.build_agent``): the same
+    construction and the same random draws, so the training run is the plain one. Returns the
+    agent as the run left it (with ``keep_best``, its policy network then holds the delivered
+    copy): read what it recorded during training, not its final weights."""
+    agent = loop.build_agent(config, cls=agent_cls)
+    env = make_env(config.env)
     try:
-        loop.train(config, run_dir, progress=False)
+        agent.codec = loop.ActionCodec(env, config.algo)
     finally:
-        loop.make_agent = real_make_agent
-    return made[-1]
+        env.close()
+    loop.train(config, run_dir, agent=agent, progress=False)
+    return agent
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from tf_reference import tf_plain_f32, tf_zero_debias_f32
 from torch import nn
 
 from polyak import ExponentialMovingAverage
-from polyak.gradients.global_step import GlobalStep
+from polyak.step import GlobalStep
 
 EMA = ExponentialMovingAverage
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import polyak
-from polyak.gradients.global_step import GlobalStep
+from polyak.step import GlobalStep
 
 pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
 
@@ -100,7 +100,7 @@ def test_global_step_around_saturation_bitwise(decay):
 
 
 def test_num_updates_ratio_matches_float32_for_large_counts():
-    from polyak.averaging.ema import _num_updates_ratio
+    from polyak.averaging.decay import num_updates_ratio as _num_updates_ratio
 
     for n in [0, 1, 9, 10**6, 2**24 - 17, 2**24 - 1, 2**24 + 1, 2**31 + 12345]:
         n32 = np.float32(n)

@@ -98,7 +98,7 @@ def test_sparse_is_coalesced_never_wrong():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_global_scale_is_tf_formula_bit_for_bit(dtype):
     """The fused ``add(N - N, min(1/N, 1/c), alpha=c)`` gives the bits of TF's separate ops."""
-    from polyak.gradients.clipping import global_scale
+    from polyak.grad.clipping import global_scale
 
     norms = [0.0, 1e-30, 1e-7, 0.3, 1.0, 2.5, 7.0, 1e4, 3e38, math.inf, math.nan]
     for c in (0.3, 1, 2.5, 10.0):

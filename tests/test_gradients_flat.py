@@ -146,7 +146,7 @@ def test_skip_nonfinite_on_flat_path():
 def test_cpu_chunked_flat_twin_is_bit_identical(name, monkeypatch):
     """On the CPU, for-loop optimizers step the flat buffer in L2-sized pieces (cut at
     parameter boundaries): same bits as plain torch, state still flat."""
-    from polyak.gradients import stepping
+    from polyak.grad import stepping
 
     monkeypatch.setattr(stepping, "_CPU_CHUNK", 40)
     make = OPTIMIZERS[name]

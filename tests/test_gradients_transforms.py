@@ -9,7 +9,7 @@ from torch import nn
 
 import polyak
 from polyak import transforms as T
-from polyak.gradients.transforms import GradientStep
+from polyak.grad.transforms import GradientStep
 
 
 def _run(transform, grads, params=None, names=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +206,79 @@ def test_run_made_before_a_new_config_field_resumes_at_its_default(tmp_path):
     train(cfg, tmp_path, progress=False)
     with pytest.raises(ConfigMismatchError, match=r"eval_ema_decay: 0.0 -> 0.5"):
         train(_config("dqn", total=60, eval_ema_decay=0.5), tmp_path, progress=False)
+
+
+def test_train_on_a_given_agent_is_the_run_train_builds(tmp_path):
+    """``train(config, dir, agent=build_agent(config, cls=...))`` (an instrumented subclass)
+    takes the same draws as ``train`` building its own agent: same weights, same metrics; the
+    instance is the one trained."""
+    from polyak.rl.dqn import DQN
+    from polyak.rl.loop import build_agent
+
+    class CountingDQN(DQN):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.trained = 0
+
+        def train_burst(self, burst, n):
+            self.trained += n
+            return super().train_burst(burst, n)
+
+    cfg = _config("dqn", total=200)
+    train(cfg, tmp_path / "own", progress=False)
+    agent = build_agent(cfg, cls=CountingDQN)
+    summary = train(cfg, tmp_path / "given", agent=agent, progress=False)
+    _assert_same_agent(tmp_path / "own", tmp_path / "given")
+    own, given = (tmp_path / d / "metrics.csv" for d in ("own", "given"))
+    assert own.read_bytes() == given.read_bytes()
+    bursts = 200 // cfg.train_freq - cfg.learning_starts // cfg.train_freq
+    assert agent.trained == bursts * cfg.gradient_steps > 0
+    assert (
+        summary["final_eval_return"]
+        == json.loads((tmp_path / "own" / "summary.json").read_text())["final_eval_return"]
+    )
+
+
+def test_train_refuses_an_agent_of_another_algorithm_before_writing(tmp_path):
+    from polyak.rl.loop import build_agent
+
+    ddpg = build_agent(_config("ddpg", total=100))
+    with pytest.raises(TypeError, match="agent must be a DQN for algo='dqn'"):
+        train(_config("dqn", total=100), tmp_path / "run", agent=ddpg, progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(TypeError, match="cls must be DDPG or a subclass"):
+        build_agent(_config("ddpg", total=100), cls=dict)
+
+
+def test_loop_state_round_trips_through_its_state_dict():
+    """The checkpoint's "loop" entry: what the step loop carries, saved and loaded as is."""
+    from polyak.rl.loop import Clock, LoopState
+
+    class Codec:
+        dim, dtype = 2, np.float32
+
+    state = LoopState(
+        obs=np.array([0.5, -1.0, 2.0], dtype=np.float32),
+        step=7,
+        episodes=2,
+        episode_return=-3.25,
+        episode_length=4,
+        last_losses={"critic_loss": torch.tensor(0.5)},
+        clock=Clock(1.5, 2.5),
+        episode_env_rng={"state": 1},
+        episode_actions=[np.array([0.1, 0.2], dtype=np.float32)] * 4,
+        nonfinite={"actor_loss": [1, 5]},
+    )
+    buf = io.BytesIO()
+    torch.save(state.state_dict(Codec()), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    back = LoopState.from_state_dict(saved, Codec())
+    assert np.array_equal(back.obs, state.obs) and back.obs.dtype == np.float32
+    for name in ("step", "episodes", "episode_return", "episode_length", "episode_env_rng"):
+        assert getattr(back, name) == getattr(state, name), name
+    assert (back.clock.wall, back.clock.cpu) == (1.5, 2.5)
+    assert torch.equal(back.last_losses["critic_loss"], torch.tensor(0.5))
+    assert len(back.episode_actions) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(back.episode_actions, state.episode_actions))
+    assert back.nonfinite == {"actor_loss": [1, 5]}

@@ -366,8 +366,8 @@ def test_replacement_check_costs_nothing_while_no_module_changes():
     ema = polyak.ExponentialMovingAverage(0.5)
     ema.apply(model)
     calls = []
-    real = polyak.averaging.ema._Entry.replaced_in
-    polyak.averaging.ema._Entry.replaced_in = lambda self: calls.append(1) or real(self)
+    real = polyak.averaging.entries.Entry.replaced_in
+    polyak.averaging.entries.Entry.replaced_in = lambda self: calls.append(1) or real(self)
     try:
         for _ in range(3):
             ema.update()
@@ -377,7 +377,7 @@ def test_replacement_check_costs_nothing_while_no_module_changes():
         ema.update()
         assert len(calls) == len(list(model.parameters()))
     finally:
-        polyak.averaging.ema._Entry.replaced_in = real
+        polyak.averaging.entries.Entry.replaced_in = real
 
 
 def test_target_network_refuses_decay_and_update_every():

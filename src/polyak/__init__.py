@@ -4,17 +4,15 @@ Gradients and their processing, optimizer application with a global step, and av
 ("shadow") weights: exponential moving averages and target networks, at memory speed.
 """
 
-from polyak import optim
+from polyak import optim, schedules, transforms
 from polyak.averaging import (
     ExponentialMovingAverage,
     IncompatibleKeys,
     PostHocEMA,
     TargetNetwork,
-    schedules,
 )
 from polyak.flat import flatten_parameters_
-from polyak.gradients import (  # binds polyak.gradients to the function, not the subpackage
-    GlobalStep,
+from polyak.grad import (
     Optimizer,
     clip_by_global_norm,
     clip_by_norm,
@@ -22,8 +20,8 @@ from polyak.gradients import (  # binds polyak.gradients to the function, not th
     global_norm,
     gradients,
     stop_gradient,
-    transforms,
 )
+from polyak.step import GlobalStep
 
 __version__ = "0.1.0"
 

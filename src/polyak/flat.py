@@ -31,6 +31,7 @@ __all__ = [
     "has_grad_slot",
     "landed_gradients",
     "pack",
+    "pack_like",
     "runs",
     "span",
 ]
@@ -67,6 +68,18 @@ def pack(
     return views
 
 
+def pack_like(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """New uninitialised tensors shaped, typed and placed like the dense ``tensors``: the views
+    of :func:`pack`, so they coalesce into one span per buffer. Sparse entries are passed
+    through as they are (a gradient list may hold both)."""
+    dense = [i for i, t in enumerate(tensors) if not t.is_sparse]
+    out = list(tensors)
+    views = pack([(tensors[i].shape, tensors[i].dtype, tensors[i].device) for i in dense])
+    for i, view in zip(dense, views):
+        out[i] = view
+    return out
+
+
 def flatten_parameters_(module: nn.Module, *, grads: bool = True) -> nn.Module:
     """Move ``module``'s parameters into one contiguous buffer per (device, dtype), in place.
 
@@ -81,9 +94,9 @@ def flatten_parameters_(module: nn.Module, *, grads: bool = True) -> nn.Module:
     ``grads=False`` flattens the weights only and leaves gradients where autograd puts them
     (removing the slots of an earlier call; ``.grad`` values are kept). That is the faster
     choice when the optimizer takes all tensors in one kernel anyway (``fused=True`` Adam):
-    a flat gradient buffer must be zeroed and accumulated into on every backward, which on a
-    CPU costs about 50 us per step for a 67k-parameter MLP, while autograd's own gradients
-    are handed over without a copy.
+    a flat gradient buffer must be zeroed and accumulated into on every backward, while
+    autograd's own gradients are handed over without a copy (docs/performance.md, RL: the
+    DQN's figures).
 
     Anything that later replaces a parameter's storage (``module.to(...)``, ``param.data = t``)
     takes that parameter out of the buffer; consumers notice through :func:`coalesce` and fall
@@ -190,8 +203,7 @@ def runs(*tensor_lists: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     count = len(tensor_lists[0])
     if any(len(ts) != count for ts in tensor_lists):
         raise ValueError(
-            "coalesce: the lists must be parallel, got lengths "
-            f"{[len(ts) for ts in tensor_lists]}"
+            f"coalesce: the lists must be parallel, got lengths {[len(ts) for ts in tensor_lists]}"
         )
     breaks = [False] * count
     for ts in tensor_lists:

@@ -34,17 +34,21 @@ from typing import Any
 import torch
 
 from polyak._checks import check_int
-from polyak.averaging.ema import ExponentialMovingAverage, _Plan
+from polyak.averaging.ema import (
+    ExponentialMovingAverage,
+    pending_update,
+    tracked_variables,
+    update_plan,
+)
+from polyak.averaging.plan import UpdatePlan
 from polyak.flat import coalesce
 
 __all__ = ["EMAGroup", "FanOutLerp"]
 
 # Bytes of weights per chunk: a chunk of weights must stay in cache between the K lerps that
-# read it. On the 2-core development CPU (1 MiB L2 per core, 32 MiB shared L3; 1.6 M to 100 M
-# parameters, K = 2 and 3) 4 MiB chunks came within 1.0-1.1x of the roofline; 1 MiB chunks
-# were as good on 16 M parameters but up to 15% slower elsewhere, 256 KiB ones 20-30% slower
-# (per-call overhead, broken prefetch streams). CUDA: 8 MiB, well inside a 40-50 MiB L2; not
-# measured yet.
+# read it, and be long enough that per-call overhead and broken prefetch streams do not show
+# (the sizes tried: docs/performance.md, "K averages in one pass"). On CUDA the chunk sits well
+# inside an L2 of tens of MiB.
 _CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 8 << 20}
 _CHUNK_BYTES_OTHER = 8 << 20
 # Devices whose chunks each take K foreach calls; elsewhere one foreach call does all chunks.
@@ -322,59 +326,56 @@ class EMAGroup:
         self._check_same_variables()
         # Fused steps by the plans they were built from (the subset of averages that lerp
         # changes on copy or skip steps); an EMA makes a new plan when storage moves.
-        self._fans: dict[tuple[int, ...], tuple[tuple[_Plan, ...], FanOutLerp]] = {}
+        self._fans: dict[tuple[int, ...], tuple[tuple[UpdatePlan, ...], FanOutLerp]] = {}
 
     def update(self) -> None:
         """One :meth:`ExponentialMovingAverage.update` of every average, in one pass."""
-        pending = [ema._pending_update() for ema in self.emas]
+        pending = [pending_update(ema) for ema in self.emas]
         # Averages that lerp now, by the dtypes and devices of their shadows: each such
         # bucket of two or more shares one pass.
         buckets: dict[tuple[Any, ...], list[int]] = {}
-        for k, (ema, (plan, w)) in enumerate(zip(self.emas, pending)):
-            if plan is not None and ema._fusable_weight(w):
-                layout = tuple((s[0].dtype, s[0].device) for s, _, _ in plan.lerps)
-                buckets.setdefault(layout, []).append(k)
+        for k, p in enumerate(pending):
+            if p.fusable:
+                buckets.setdefault(p.plan.lerp_layout(), []).append(k)  # type: ignore[union-attr]
         # Built (and checked) before any shadow changes.
         fans = [
-            (ks, self._fan_out(tuple(pending[k][0] for k in ks)))  # type: ignore[misc]
+            (ks, self._fan_out(tuple(pending[k].plan for k in ks)))  # type: ignore[misc]
             for ks in buckets.values()
             if len(ks) >= 2
         ]
         done: set[int] = set()
         for ks, fan in fans:
-            fan([pending[k][1] for k in ks])  # type: ignore[misc]
+            fan([pending[k].weight for k in ks])  # type: ignore[misc]
             done.update(ks)
-        for k, (ema, (plan, w)) in enumerate(zip(self.emas, pending)):
-            ema._finish_update(plan, w, lerps_done=k in done)
+        for k, p in enumerate(pending):
+            p.finish(lerps_done=k in done)
 
-    def _fan_out(self, plans: tuple[_Plan, ...]) -> FanOutLerp:
+    def _fan_out(self, plans: tuple[UpdatePlan, ...]) -> FanOutLerp:
         """The fused step over ``plans`` (one per average that lerps now), checked and built
         when first needed, then cached while the plans stay the same objects."""
         key = tuple(map(id, plans))
         cached = self._fans.get(key)
         if cached is not None and all(a is b for a, b in zip(cached[0], plans)):
             return cached[1]
-        names = [[e.name for e in p.entries] for p in plans]
+        names = [[e.name for e in p.entries] for p in plans]  # type: ignore[attr-defined]
         sources = [[e.source for e in p.entries] for p in plans]
         for k in range(1, len(plans)):
             if names[k] != names[0] or any(a is not b for a, b in zip(sources[k], sources[0])):
                 self._raise_not_same()
-        averaged = [[e for e in p.entries if e.average] for p in plans]
+        averaged = [p.averaged() for p in plans]
         fan = FanOutLerp(
-            [e.source for e in averaged[0]],  # type: ignore[misc]
-            [[e.shadow for e in row] for row in averaged],
-            chunk_bytes=self.chunk_bytes,
+            averaged[0][0], [shadows for _, shadows in averaged], chunk_bytes=self.chunk_bytes
         )
         # Drop fused steps built on plans that their EMA replaced (they hold old storage).
-        live = {id(ema._cached_update_plan()) for ema in self.emas}
+        live = {id(update_plan(ema)) for ema in self.emas}
         self._fans = {k: v for k, v in self._fans.items() if all(id(p) in live for p in v[0])}
         self._fans[key] = (plans, fan)
         return fan
 
     def _check_same_variables(self) -> None:
-        first = self.emas[0]._variables()
+        first = tracked_variables(self.emas[0])
         for ema in self.emas[1:]:
-            other = ema._variables()
+            other = tracked_variables(ema)
             if [n for n, _ in other] != [n for n, _ in first] or any(
                 a is not b for (_, a), (_, b) in zip(other, first)
             ):
@@ -382,7 +383,8 @@ class EMAGroup:
 
     def _raise_not_same(self) -> None:
         listing = "; ".join(
-            f"emas[{k}]: {[n for n, _ in ema._variables()][:6]}" for k, ema in enumerate(self.emas)
+            f"emas[{k}]: {[n for n, _ in tracked_variables(ema)][:6]}"
+            for k, ema in enumerate(self.emas)
         )
         raise ValueError(
             "EMAGroup: the averages must track the same variables, in the same order "

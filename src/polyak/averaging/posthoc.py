@@ -51,7 +51,7 @@ from torch import nn
 
 from polyak._atomic import remove_dead_writers_temps, save_atomic, write_atomic
 from polyak._checks import check_device, check_dtype, check_int, check_mapping, check_real
-from polyak.averaging.ema import _assignments, _watch_assignments
+from polyak.averaging import assignments
 from polyak.averaging.multi import FanOutLerp, check_chunk_bytes
 from polyak.averaging.names import module_tensors
 from polyak.averaging.schedules import SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma
@@ -673,8 +673,8 @@ class PostHocEMA:
         self._last_update = 0
         self._fan: FanOutLerp | None = None
         self._dir_checked = False
-        _watch_assignments()
-        self._assignments_seen = _assignments[0]
+        assignments.watch()
+        self._assignments_seen = assignments.count()
         if self.snapshot_dir is not None:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
             remove_dead_writers_temps(self.snapshot_dir, PREFIX)
@@ -697,7 +697,7 @@ class PostHocEMA:
         averaging = t % self.update_every == 0
         snapshot = self.snapshot_every is not None and t % self.snapshot_every == 0
         # Everything that can refuse runs before anything changes.
-        if self._assignments_seen != _assignments[0]:
+        if self._assignments_seen != assignments.count():
             self._follow_model()
         fan = self._fan_out() if averaging else None
         if self.snapshot_dir is not None and not self._dir_checked:
@@ -748,7 +748,7 @@ class PostHocEMA:
                 )
         if any(a is not b for a, b in zip(sources, self._sources)):
             self._sources, self._fan = sources, None
-        self._assignments_seen = _assignments[0]
+        self._assignments_seen = assignments.count()
 
     def _fan_out(self) -> FanOutLerp:
         fan = self._fan

@@ -18,8 +18,8 @@ class TargetNetwork:
 
     - Soft (Polyak) updates, ``TargetNetwork(online, tau=0.005)``: every ``update()`` moves the
       target towards the online weights, ``target = (1 - tau) * target + tau * online``
-      (an EMA with ``decay = 1 - tau``, the DDPG paper's and the founding document's
-      ``tf.train.ExponentialMovingAverage(decay=1 - TAU)``).
+      (an EMA with ``decay = 1 - tau``: DDPG's target update, Lillicrap et al. 2016, written
+      in TF1 as ``tf.train.ExponentialMovingAverage(decay=1 - TAU)``).
     - Hard updates, ``TargetNetwork(online, every=N)``: every ``N``-th ``update()`` copies the
       online weights (DQN's ``C``; an EMA with decay 0 stepping every ``N`` calls).
 

@@ -47,6 +47,9 @@ class Agent:
 
     device: torch.device
     dtype: torch.dtype
+    # The agent's random draws (exploration) come from this generator; the training loop
+    # shares it (warm-up actions, minibatches), so one seed fixes the whole run.
+    rng: np.random.Generator
 
     def act(self, obs: np.ndarray, explore: bool) -> np.ndarray | int:
         """Action for one observation: normalized in [-1, 1] (continuous) or an index."""

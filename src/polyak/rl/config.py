@@ -77,7 +77,7 @@ class DDPGConfig(RunConfig):
     actor_lr: float = 1e-4
     critic_lr: float = 1e-3
     critic_l2: float = 1e-2  # L2 weight decay on the critic
-    action_layer: int = 1  # hidden layer the action joins (1: the seed's critic; 0: at the input)
+    action_layer: int = 1  # hidden layer the action joins (1: the DDPG paper's; 0: at the input)
     noise_type: str = "ou"  # "ou" | "normal" | "none"
     noise_std: float = 0.2  # sigma, in the normalized [-1, 1] action space
     ou_theta: float = 0.15

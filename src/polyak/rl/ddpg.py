@@ -87,7 +87,7 @@ class DDPG(Agent):
         device: torch.device,
     ) -> None:
         validate_config(config)
-        self.config, self.device = config, device
+        self.config, self.device, self.rng = config, device, rng
         self.actor = Actor(obs_dim, action_dim, config.net_arch, config.final_init).to(device)
         self.critic = self.critic_class(
             obs_dim, action_dim, config.net_arch, config.action_layer, config.final_init

@@ -15,22 +15,22 @@
     zoo files only override). The ``-v0`` Pendulum entries of older zoo files are the same
     settings as today's ``Pendulum-v1`` (gymnasium renamed the environment).
 
-Deviations, on purpose: DDPG keeps the seed's critic (action joins at the second layer,
-``action_layer=1``) in both presets, where SB3 concatenates it at the input; the parameter count
-differs by ``action_dim * 400`` weights. Zoo's Pendulum DDPG uses ``train_freq: [1, "episode"]``
-with ``gradient_steps: -1`` (one gradient step per collected step, run at each episode end);
-Pendulum episodes are always 200 steps, and here that is ``train_freq=1, gradient_steps=1``: the
-same number of gradient steps on the same data, interleaved per step. DQN on CartPole-v1 adds
-an evaluation-only setting, ``eval_ema_decay=0.9999`` with ``eval_ema_num_updates``: every
-greedy evaluation (the reported final policy included) acts with a Polyak average of the online
-Q-network's weights over about the last ninth of the gradient steps, while training, its
-targets and exploration are the zoo's, step for step. With the zoo's settings the online
-network's greedy policy swings between 500 and about 100 from one training burst to the next,
-in SB3 as here; the average was chosen on held-out seeds (docs/results.md). It also sets
-``keep_best``, which rl-baselines3-zoo's training script does with its evaluation callback: the
-run delivers the averaged network of its best evaluation (ties: the latest) and reports it on
-held-out episodes (``polyak.rl.best``); without it, a run whose training has collapsed in its
-last few thousand steps delivers a collapsed policy (docs/results.md).
+Deviations, on purpose: DDPG keeps the paper's critic (Lillicrap et al. 2016: the action joins at
+the second layer, ``action_layer=1``) in both presets, where SB3 concatenates it at the input; the
+parameter count differs by ``action_dim * 400`` weights. Zoo's Pendulum DDPG uses ``train_freq: [1,
+"episode"]`` with ``gradient_steps: -1`` (one gradient step per collected step, run at each episode
+end); Pendulum episodes are always 200 steps, and here that is ``train_freq=1, gradient_steps=1``:
+the same number of gradient steps on the same data, interleaved per step. DQN on CartPole-v1 adds an
+evaluation-only setting, ``eval_ema_decay=0.9999`` with ``eval_ema_num_updates``: every greedy
+evaluation (the reported final policy included) acts with a Polyak average of the online Q-network's
+weights over about the last ninth of the gradient steps, while training, its targets and exploration
+are the zoo's, step for step. With the zoo's settings the online network's greedy policy swings
+between 500 and about 100 from one training burst to the next, in SB3 as here; the average was
+chosen on held-out seeds (docs/results.md). It also sets ``keep_best``, which rl-baselines3-zoo's
+training script does with its evaluation callback: the run delivers the averaged network of its best
+evaluation (ties: the latest) and reports it on held-out episodes (``polyak.rl.best``); without it,
+a run whose training has collapsed in its last few thousand steps delivers a collapsed policy
+(docs/results.md).
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def clip_by_global_norm(
         norm = torch.tensor(use_norm)
     scale = global_scale(norm, clip_norm)
     dense = [t for t in tensors if not t.is_sparse]
-    scaled = iter(torch_compat.foreach_mul(dense, _cast(scale, dense[0].dtype)) if dense else [])
+    scaled = iter(torch_compat.foreach_mul(dense, as_dtype(scale, dense[0].dtype)) if dense else [])
     out: list[torch.Tensor | None] = []
     for t in t_list:
         if t is None:
@@ -194,7 +194,8 @@ def map_values(t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> t
     )
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call when ``t`` already has it (a per-step path)."""
     return t if t.dtype is dtype else t.to(dtype)
 
 

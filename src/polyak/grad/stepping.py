@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from polyak.flat import coalesce, span
-from polyak.gradients._buffers import RunCache
+from polyak.grad._buffers import RunCache
 
 __all__ = ["InnerStepper"]
 

@@ -1,4 +1,5 @@
-"""Grouping helpers shared by the optimizer and the transforms."""
+"""Per-step buffers of the optimizer: copies of gradients in flat buffers, and the merged runs
+of a list of gradients remembered while their memory stays where it was."""
 
 from __future__ import annotations
 
@@ -7,69 +8,31 @@ from collections.abc import Sequence
 
 import torch
 
-from polyak.flat import runs, span
+from polyak import _torch_compat as torch_compat
+from polyak.flat import pack_like, runs, span
 
-__all__ = ["RunCache", "dense_groups", "flat_copy", "flat_like"]
+__all__ = ["RunCache", "flat_copy"]
 
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _nbytes = operator.attrgetter("nbytes")
 
 
-def dense_groups(
-    tensors: Sequence[torch.Tensor],
-) -> dict[tuple[torch.device, torch.dtype], list[int]]:
-    """Indices of the dense tensors, grouped by (device, dtype), in order."""
-    out: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        if not t.is_sparse:
-            out.setdefault((t.device, t.dtype), []).append(i)
-    return out
-
-
-def flat_like(tensors: Sequence[torch.Tensor], *, copy: bool) -> list[torch.Tensor]:
-    """New tensors shaped like the dense ``tensors`` (their values with ``copy``, else
-    uninitialised), as views of one buffer per (device, dtype) so that they coalesce into one
-    kernel per buffer. Sparse entries are passed through as they are."""
-    out = list(tensors)
-    for (device, dtype), idx in dense_groups(tensors).items():
-        members = [tensors[i] for i in idx]
-        if copy:
-            buf = torch.cat([t.reshape(-1) for t in members])
-        else:
-            buf = torch.empty(sum(t.numel() for t in members), device=device, dtype=dtype)
-        for i, view in zip(idx, _shaped_views(buf, members)):
-            out[i] = view
-    return out
-
-
-def _shaped_views(buf: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Consecutive views of ``buf`` shaped like ``tensors``."""
-    return [p.view(t.shape) for p, t in zip(buf.split([t.numel() for t in tensors]), tensors)]
-
-
 def flat_copy(
     tensors: Sequence[torch.Tensor],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """``flat_like(tensors, copy=True)``, and the merged runs of the copies when they are a
-    single buffer (else ``None``: let ``coalesce`` find them)."""
-    groups = dense_groups(tensors)
-    out = list(tensors)
-    buffers: list[torch.Tensor | None] = []
-    with torch.no_grad():
-        for idx in groups.values():
-            members = [tensors[i] for i in idx]
-            if len(members) > 1 and all(t.numel() for t in members):
-                buf = torch.cat([t.reshape(-1) for t in members])
-                views = _shaped_views(buf, members)
-            else:  # one tensor or empty ones: no run to hand out
-                buf, views = None, flat_like(members, copy=True)
-            for i, v in zip(idx, views):
-                out[i] = v
-            buffers.append(buf)
-    if len(buffers) == 1 and buffers[0] is not None:
-        return out, [buffers[0]]
-    return out, None
+    """Copies of ``tensors`` in new flat buffers (:func:`polyak.flat.pack_like`; sparse ones
+    are passed through as they are), and the copies' merged runs when the dense ones share one
+    buffer (else ``None``: let :func:`polyak.flat.coalesce` find them)."""
+    out = pack_like(tensors)
+    dense = [i for i, t in enumerate(tensors) if not t.is_sparse]
+    copies = [out[i] for i in dense]
+    if copies:
+        with torch.no_grad():
+            torch_compat.foreach_copy_(copies, [tensors[i] for i in dense])
+    if len(copies) < 2 or len(runs(copies)) != 1:
+        return out, None
+    return out, [span(copies, 0, len(copies))]
 
 
 class RunCache:

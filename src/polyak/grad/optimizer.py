@@ -13,17 +13,17 @@ from torch import nn
 from polyak import _torch_compat as torch_compat
 from polyak._checks import check_mapping
 from polyak.flat import has_grad_slot, landed_gradients
-from polyak.gradients._buffers import RunCache, flat_copy
-from polyak.gradients.functional import as_tensor_list, gradients
-from polyak.gradients.global_step import GlobalStep
-from polyak.gradients.stepping import InnerStepper
-from polyak.gradients.transforms import (
+from polyak.grad._buffers import RunCache, flat_copy
+from polyak.grad.functional import as_tensor_list, gradients
+from polyak.grad.stepping import InnerStepper
+from polyak.grad.transforms import (
     GradientStep,
     Transform,
     chain,
     checked_state,
     set_states,
 )
+from polyak.step import GlobalStep
 
 __all__ = ["Optimizer"]
 

@@ -23,16 +23,16 @@ import torch
 
 from polyak import _torch_compat as torch_compat
 from polyak._checks import check_device, check_int, check_mapping, check_real
-from polyak.flat import coalesce
-from polyak.gradients._buffers import RunCache, dense_groups, flat_like
-from polyak.gradients.clipping import (
-    _cast,
+from polyak.flat import coalesce, pack_like, span
+from polyak.grad._buffers import RunCache
+from polyak.grad.clipping import (
+    as_dtype,
     dense_and_sparse,
     global_scale,
     map_values,
     norms_squared_sum,
 )
-from polyak.gradients.clipping import (
+from polyak.grad.clipping import (
     clip_by_value as _clip_values,
 )
 
@@ -341,7 +341,7 @@ class clip_by_global_norm(Transform):
         factor = global_scale(norm, self.clip_norm)
         runs, sparse = step.dense_runs()
         if runs:
-            torch_compat.foreach_mul_(runs, _cast(factor, runs[0].dtype))
+            torch_compat.foreach_mul_(runs, as_dtype(factor, runs[0].dtype))
         for i in sparse:
             step.grads[i] = map_values(step.grads[i], lambda v: v * factor.to(v.dtype))
         self.last_norm = norm
@@ -428,16 +428,12 @@ class add_noise(Transform):
         _reject_sparse(step, step.dense_runs()[1], "add_noise")
         std = math.sqrt(self.eta / (1 + self.count) ** self.gamma)
         self.count += 1
-        noise: list[torch.Tensor] = list(step.grads)
-        for (device, dtype), idx in dense_groups(step.grads).items():
-            flat = torch.randn(
-                sum(step.grads[i].numel() for i in idx),
-                generator=self._generator(device),
-                device=device,
-                dtype=dtype,
-            )
-            for i, piece in zip(idx, flat.split([step.grads[i].numel() for i in idx])):
-                noise[i] = piece.view(step.grads[i].shape)
+        noise = pack_like(step.grads)
+        buffers: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for piece in noise:
+            buffers.setdefault((piece.device, piece.dtype), []).append(piece)
+        for (device, _), pieces in buffers.items():  # one draw per buffer, in parameter order
+            span(pieces, 0, len(pieces)).normal_(generator=self._generator(device))
         runs, noise_runs = coalesce(step.grads, noise)
         torch_compat.foreach_add_(runs, noise_runs, alpha=std)
 
@@ -614,7 +610,7 @@ class accumulate(Transform):
             for i, g in enumerate(grads):
                 grads[i] = map_values(g, lambda v: torch.where(keep, v, 0))
         if self.count == 0:
-            self._sums = flat_like(grads, copy=False)
+            self._sums = pack_like(grads)
             self._first = (list(step.params), step._names)
         self.count += 1
         sums = self._sums

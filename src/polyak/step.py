@@ -1,4 +1,8 @@
-"""The training step counter, as TensorFlow's ``global_step`` variable."""
+"""The training step counter, as TensorFlow's ``global_step`` variable.
+
+The optimizer advances it and averages and schedules read it, so it sits below both layers
+and depends on nothing else in polyak.
+"""
 
 from __future__ import annotations
 
