@@ -241,3 +241,39 @@ def test_the_public_paths_name_the_same_objects():
         for name in impl.__all__:
             assert getattr(public, name) is getattr(impl, name), name
     assert callable(polyak.gradients) and not isinstance(polyak.gradients, ModuleType)
+
+
+def _private_torch_uses(source: str) -> list[str]:
+    """``torch....._name`` attributes and ``from torch... import _name`` in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            if node.attr.startswith("__"):
+                continue
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id == "torch":
+                found.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            private += [p for p in (node.module or "").split(".") if p.startswith("_")]
+            found += [f"line {node.lineno}: {name}" for name in private]
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m != "polyak._torch_compat"))
+def test_private_torch_names_only_in_torch_compat(module):
+    """Every private torch name goes through polyak._torch_compat, where each has a tested
+    public fallback (issue 10): a torch release that renames one breaks one module, not many."""
+    assert _private_torch_uses(MODULES[module].read_text()) == []
+
+
+def test_the_private_torch_check_flags_what_it_should():
+    source = (
+        "import torch\nfrom torch.optim.optimizer import _default\nfrom torch._C import x\n"
+        "torch._foreach_add_(a, b)\ntorch.autograd._profiler_enabled()\ntorch.__version__\n"
+    )
+    assert [u.split(":")[0] for u in _private_torch_uses(source)] == [
+        "line 2", "line 3", "line 4", "line 5"
+    ]

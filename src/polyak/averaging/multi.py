@@ -14,7 +14,7 @@ from cache K - 1 times: ``4 + 8K`` bytes, the roofline. Within a chunk each aver
 through its shadows in order: a step that switched between the K shadow buffers at every
 tensor would start new memory streams at every call, which on a model of many separate
 tensors costs more than the cache saves (docs/performance.md, "Post-hoc EMA"). On the CPU a
-chunk is K ``torch._foreach_lerp_`` calls, each with its average's weight; on accelerators
+chunk is K multi-tensor ``lerp_`` calls, each with its average's weight; on accelerators
 all chunks go to one ``_foreach_lerp_`` call with a list of weights (one launch series).
 
 Each average keeps its own contiguous storage, so its views, state dict and snapshots are
@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from polyak import _torch_compat as torch_compat
 from polyak._checks import check_int
 from polyak.averaging.ema import (
     ExponentialMovingAverage,
@@ -81,12 +82,12 @@ def _foreach_lerp_scalars(
     if _scalar_list_lerp is None:
         probe = torch.zeros(1)
         try:
-            torch._foreach_lerp_([probe], [probe], [0.5])
+            torch_compat.foreach_lerp_([probe], [probe], [0.5])
             _scalar_list_lerp = True
         except (TypeError, RuntimeError):
             _scalar_list_lerp = False
     if _scalar_list_lerp:
-        torch._foreach_lerp_(shadows, sources, weights)
+        torch_compat.foreach_lerp_(shadows, sources, weights)
     else:
         for s, v, w in zip(shadows, sources, weights):
             s.lerp_(v, w)
@@ -133,7 +134,7 @@ class _Chunk:
                 staged.copy_(src)
             sources = self.staged
         for k in ks:
-            torch._foreach_lerp_(self.shadows[k], sources, weights[k])
+            torch_compat.foreach_lerp_(self.shadows[k], sources, weights[k])
 
 
 class FanOutLerp:

@@ -173,7 +173,7 @@ class Optimizer:
             for p, g in dropped:
                 p.grad = g
             if zeroed:
-                torch._foreach_zero_([p.grad for p in zeroed])  # partial sums: zero again
+                torch_compat.foreach_zero_([p.grad for p in zeroed])  # partial sums: zero again
             raise
         if zeroed and not all(map(landed.__contains__, map(id, zeroed))):
             for p in zeroed:
