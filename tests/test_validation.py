@@ -40,13 +40,14 @@ def _assert_params(model, before):
 
 def test_load_state_dict_checks_transforms_before_loading_the_inner_optimizer():
     model = _model()
-    opt = polyak.Optimizer(torch.optim.Adam(model.named_parameters()), [T.accumulate(2)])
+    opt = polyak.Optimizer(torch.optim.Adam(model.parameters()), [T.accumulate(2)], names=model)
     for _ in range(3):  # one optimizer step, one micro-step pending
         opt.minimize(_loss(model))
     saved = _state(opt)
     saved["inner"]["state"][0]["exp_avg"].fill_(7.0)
     saved["transforms"]["0"]["count"] = 5  # k is 2
-    fresh = polyak.Optimizer(torch.optim.Adam(_model().named_parameters()), [T.accumulate(2)])
+    other = _model()
+    fresh = polyak.Optimizer(torch.optim.Adam(other.parameters()), [T.accumulate(2)], names=other)
     before = _state(fresh)
     with pytest.raises(ValueError, match="'count' must be in \\[0, 2\\)"):
         fresh.load_state_dict(saved)
@@ -58,7 +59,7 @@ def test_state_of_another_model_is_refused_at_load_naming_the_parameter():
     other = polyak.Optimizer(torch.optim.Adam(small.parameters()))
     other.minimize(small(torch.ones(2, 4)).sum())
     model = nn.Linear(8, 4)  # same parameter count per group, other shapes
-    opt = polyak.Optimizer(torch.optim.Adam(model.named_parameters()))
+    opt = polyak.Optimizer(torch.optim.Adam(model.parameters()), names=model)
     opt.minimize(model(torch.ones(2, 8)).sum())
     before = _state(opt)
     with pytest.raises(ValueError, match=r"'exp_avg' of parameter weight has shape \(8, 4\)"):
@@ -113,7 +114,7 @@ def test_minimize_puts_dropped_grads_back_when_backward_fails():
 
 def test_a_variable_listed_twice_is_refused_by_name():
     model = _model()
-    opt = polyak.Optimizer(torch.optim.SGD(model.named_parameters(), lr=0.1))
+    opt = polyak.Optimizer(torch.optim.SGD(model.parameters(), lr=0.1), names=model)
     w = model[0].weight
     before = _params(model)
     with pytest.raises(ValueError, match=r"\['0.weight'\] listed more than once"):
@@ -164,7 +165,9 @@ def test_accumulate_refuses_a_change_of_variables_mid_accumulation():
 def test_masked_with_an_unknown_name_lists_the_known_ones():
     model = _model()
     opt = polyak.Optimizer(
-        torch.optim.SGD(model.named_parameters(), lr=0.1), [T.masked(T.scale(0.0), ["weigth"])]
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        [T.masked(T.scale(0.0), ["weigth"])],
+        names=model,
     )
     before = _params(model)
     with pytest.raises(ValueError, match=r"\['weigth'\] name no parameter.*'0.weight'"):
@@ -177,7 +180,9 @@ def test_masked_with_an_unknown_name_lists_the_known_ones():
 def test_masked_names_of_parameters_outside_the_step_are_known():
     model = _model()
     opt = polyak.Optimizer(
-        torch.optim.SGD(model.named_parameters(), lr=0.1), [T.masked(T.scale(0.0), ["2.bias"])]
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        [T.masked(T.scale(0.0), ["2.bias"])],
+        names=model,
     )
     opt.minimize(_loss(model), var_list=[model[0].weight])  # 2.bias not in this step
 

@@ -645,7 +645,7 @@ def test_global_step_increment_by_a_bad_value_changes_nothing(by):
 def _model_and_optimizer(transforms=()) -> tuple[nn.Module, polyak.Optimizer]:
     torch.manual_seed(0)
     model = polyak.flatten_parameters_(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
-    opt = polyak.Optimizer(torch.optim.Adam(model.named_parameters()), list(transforms))
+    opt = polyak.Optimizer(torch.optim.Adam(model.parameters()), list(transforms), names=model)
     opt.minimize(model(torch.ones(2, 3)).sum())
     return model, opt
 
