@@ -1,0 +1,281 @@
+"""TF's update rules on the CPU as NumPy calls over cache-sized chunks.
+
+On the CPU torch's ``_foreach_*`` operations are a loop of per-tensor operations, each about a
+microsecond of dispatch, and TF's rules are ten-odd elementwise passes. A NumPy ufunc call with
+``out=`` costs about a third of that, rounds each operation once as TF's kernels do (IEEE
+``+ - * /`` and the hardware's square root, correctly rounded, where torch's CPU ``sqrt`` goes
+through MKL and is not on every processor), and writes in place. So float32 and float64
+parameters on the CPU are updated through NumPy views of their memory: every tensor, or every
+run of tensors that lies back to back in the parameters and every slot (after
+:func:`polyak.flatten_parameters_`), is cut into chunks of :data:`CHUNK_BYTES` per array, and the
+whole rule runs on one chunk before the next, while the chunk's arrays (parameter, gradient,
+slots, temporaries) sit in the core's L2 cache: memory is read and written once per step, the
+passes run from cache. :class:`ArrayPlan` keeps the views from step to step; :class:`ArrayOps`
+is the operation set the rules are written in (the same names as
+:class:`polyak.optim._exact.ForeachOps`, on single arrays).
+
+docs/optim.md ("Speed") has the measurements behind these choices.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from polyak.flat import runs, span
+
+__all__ = ["CHUNK_BYTES", "ArrayOps", "ArrayPlan", "writable"]
+
+CHUNK_BYTES = 128 << 10
+"""Bytes of each array in a chunk: a rule's five to eight arrays of a chunk fit the 1 MiB L2
+cache of the processor of docs/optim.md with room to spare, and a chunk is long enough that a
+call's fixed cost (a fraction of a microsecond) is small beside its arithmetic."""
+
+TEMPORARIES = 4  # temporaries 0-2 for the rules, 3 for the fused operations' intermediate
+
+_data_ptr = torch.Tensor.data_ptr
+_is_contiguous = torch.Tensor.is_contiguous
+
+_mul, _add, _sub, _div = np.multiply, np.add, np.subtract, np.divide
+_sqrt, _reciprocal = np.sqrt, np.reciprocal
+
+
+def writable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements are distinct memory (no broadcast strides), so that NumPy may
+    write through a view of it as torch writes in place."""
+    size = 1
+    for n, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if n == 1:
+            continue
+        if stride < size:
+            return False
+        size = stride * n
+    return True
+
+
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """``t``'s memory as a NumPy array (a view, strides kept)."""
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
+class ArrayOps:
+    """Elementwise operations on NumPy arrays of one dtype, each result rounded once.
+
+    An operand is an array (a chunk of a parameter, gradient or slot) or a scalar of the
+    dtype: the rule's scalars, rounded to the dtype by ``Arith``, as :meth:`scalars` gives
+    them (a Python float would be computed in the dtype too, more slowly). Results made with
+    ``k`` go to temporary ``k`` of the chunk (:attr:`temps`, set per chunk), overwriting the
+    last result made with ``k``. Called under ``np.errstate(all="ignore")``
+    (:meth:`ArrayPlan.run`): IEEE results, silently, as torch gives them."""
+
+    __slots__ = ("_consts", "_dtype", "temps")
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self._dtype = as_array(torch.empty(0, dtype=dtype)).dtype
+        self._consts: dict[Any, np.ndarray] = {}
+        self.temps: Sequence[np.ndarray] = ()
+
+    def scalars(self, s: Any) -> Any:
+        """``s`` (a rule's scalars: a float or a named tuple) with its floats as 0-d arrays of
+        the dtype, so that NumPy computes in the dtype and takes its fast path."""
+        if type(s) is float:
+            return self._const(s)
+        return type(s)(*(self._const(v) if type(v) is float else v for v in s))
+
+    def _const(self, x: float) -> np.ndarray:
+        key = (x, math.copysign(1.0, x))  # -0.0 == 0.0 as a key alone
+        c = self._consts.get(key)
+        if c is None:
+            if len(self._consts) > 256:  # a schedule changes the learning rate every step
+                self._consts.clear()
+            c = self._consts[key] = np.array(x, dtype=self._dtype)
+        return c
+
+    # results in temporaries
+    def mul(self, k: int, a: np.ndarray, b: Any) -> np.ndarray:
+        """``a * b``."""
+        return _mul(a, b, self.temps[k])
+
+    def add(self, k: int, a: np.ndarray, b: Any) -> np.ndarray:
+        """``a + b``."""
+        return _add(a, b, self.temps[k])
+
+    def sub(self, k: int, a: np.ndarray, b: Any) -> np.ndarray:
+        """``a - b``."""
+        return _sub(a, b, self.temps[k])
+
+    def copy(self, k: int, a: np.ndarray) -> np.ndarray:
+        """A copy of ``a``."""
+        out = self.temps[k]
+        np.copyto(out, a)
+        return out
+
+    def sqrt(self, k: int, a: np.ndarray) -> np.ndarray:
+        """``sqrt(a)``, correctly rounded (NaN for negative ``a``)."""
+        return _sqrt(a, self.temps[k])
+
+    def clamp(self, k: int, a: np.ndarray, low: Any, high: Any) -> np.ndarray:
+        """``max(min(a, high), low)`` (NaN stays NaN)."""
+        out = np.minimum(a, high, out=self.temps[k])
+        return np.maximum(out, low, out=out)
+
+    def pow(self, k: int, a: np.ndarray, exponent: float) -> np.ndarray:
+        """``a ** exponent`` by torch's ``pow`` (neither it nor TF's is correctly rounded; this
+        keeps the bits of the other backends)."""
+        out = self.temps[k]
+        torch.pow(torch.from_numpy(a), float(exponent), out=torch.from_numpy(out))
+        return out
+
+    # in place
+    def mul_(self, x: np.ndarray, y: Any) -> None:
+        """``x *= y``."""
+        _mul(x, y, x)
+
+    def add_(self, x: np.ndarray, y: Any) -> None:
+        """``x += y``."""
+        _add(x, y, x)
+
+    def sub_(self, x: np.ndarray, y: Any) -> None:
+        """``x -= y``."""
+        _sub(x, y, x)
+
+    def div_(self, x: np.ndarray, y: Any) -> None:
+        """``x /= y``."""
+        _div(x, y, x)
+
+    def sqrt_(self, x: np.ndarray) -> None:
+        """``x = sqrt(x)``, correctly rounded."""
+        _sqrt(x, x)
+
+    def reciprocal_(self, x: np.ndarray) -> None:
+        """``x = 1 / x``."""
+        _reciprocal(x, x)
+
+    def copy_(self, x: np.ndarray, y: np.ndarray) -> None:
+        """``x = y``."""
+        np.copyto(x, y)
+
+    def assign_quotient_(self, x: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+        """``x = a / b``, where ``a`` is a temporary (it may be overwritten)."""
+        _div(a, b, x)
+
+    def keep_where_abs_above_(self, x: np.ndarray, y: np.ndarray, bound: float) -> None:
+        """``x = x if |y| > bound else 0`` (0 where ``y`` is NaN)."""
+        np.copyto(x, 0, where=~(np.abs(y) > bound))
+
+    def add_scaled_(self, x: np.ndarray, y: np.ndarray, c: float) -> None:
+        """``x += round(y * c)``."""
+        t = _mul(y, c, self.temps[-1])
+        _add(x, t, x)
+
+    def add_scaled_quotient_(self, x: np.ndarray, y: np.ndarray, z: np.ndarray, c: float) -> None:
+        """``x += round(round(y * c) / z)``."""
+        t = _mul(y, c, self.temps[-1])
+        _div(t, z, t)
+        _add(x, t, x)
+
+
+class _Unit:
+    """Tensors ``start:end`` of the lists: a run merged into one flat array per list, or one
+    tensor (kept in its shape when it or a slot is not contiguous), cut into chunks."""
+
+    __slots__ = ("bounds", "chunks", "end", "flat", "grad_offsets", "start")
+
+    def __init__(self, start: int, end: int, flat: bool) -> None:
+        self.start, self.end, self.flat = start, end, flat
+        self.bounds: list[tuple[int, int]] = []
+        # Per chunk: (parameter, slots..., temporaries), arrays of the chunk.
+        self.chunks: list[tuple[np.ndarray, tuple[np.ndarray, ...], list[np.ndarray]]] = []
+        self.grad_offsets: list[int] = []  # byte offsets of the run's gradients, back to back
+
+
+class ArrayPlan:
+    """The chunks of one (param group, device, dtype) on the CPU: NumPy views of the
+    parameters and slots and the temporaries, built once and kept while the same parameters
+    (same memory) and slot tensors are updated. Gradients are read anew every step (they are
+    often new tensors); a run whose gradients do not lie back to back, as its parameters do,
+    has them copied into one array for the step."""
+
+    __slots__ = ("_params", "_slots", "_temps", "units")
+
+    def __init__(self, params: list[torch.Tensor], slots: list[list[torch.Tensor]]) -> None:
+        self._params = params
+        self._slots = slots
+        dtype = as_array(params[0].new_empty(0)).dtype
+        limit = max(1, CHUNK_BYTES // dtype.itemsize)
+        largest = 0
+        self.units: list[_Unit] = []
+        for start, end in runs(params, *slots):
+            ts = [span(params, start, end), *(span(ss, start, end) for ss in slots)]
+            flat = all(map(_is_contiguous, ts))
+            unit = _Unit(start, end, flat)
+            arrays = [as_array(t).reshape(-1) if flat else as_array(t) for t in ts]
+            n = arrays[0].size
+            unit.bounds = [(s, min(n, s + limit)) for s in range(0, n, limit)] if flat else [(0, n)]
+            if end - start > 1:
+                offsets = [0]
+                for p in params[start : end - 1]:
+                    offsets.append(offsets[-1] + p.numel() * p.element_size())
+                unit.grad_offsets = offsets
+            largest = max(largest, max(e - s for s, e in unit.bounds) if n else 0)
+            unit.chunks = [
+                (
+                    arrays[0][s:e] if flat else arrays[0],
+                    tuple(a[s:e] if flat else a for a in arrays[1:]),
+                    [],
+                )
+                for s, e in unit.bounds
+            ]
+            self.units.append(unit)
+        self._temps = [np.empty(max(largest, 1), dtype) for _ in range(TEMPORARIES)]
+        for unit in self.units:
+            for (s, e), (p, _, temps) in zip(unit.bounds, unit.chunks):
+                temps.extend(t[: e - s].reshape(p.shape) for t in self._temps)
+
+    def matches(self, params: list[torch.Tensor], slots: list[list[torch.Tensor]]) -> bool:
+        """Whether this plan describes ``params`` and ``slots``: the same tensors (the caller
+        drops the plan when a parameter's memory changes)."""
+        return (
+            len(params) == len(self._params)
+            and all(map(operator.is_, params, self._params))
+            and len(slots) == len(self._slots)
+            and all(all(map(operator.is_, new, old)) for new, old in zip(slots, self._slots))
+        )
+
+    def run(
+        self, update: Callable[..., None], s: Any, ops: ArrayOps, grads: list[torch.Tensor]
+    ) -> None:
+        """``update(s, ops, param, grad, *slots)`` on every chunk, with ``grads`` (one per
+        parameter, as the plan's)."""
+        with np.errstate(all="ignore"):
+            for unit in self.units:
+                g = self._grad_array(unit, grads)
+                if unit.flat:
+                    for (start, end), (p, slots, temps) in zip(unit.bounds, unit.chunks):
+                        ops.temps = temps
+                        update(s, ops, p, g[start:end], *slots)
+                else:
+                    ((p, slots, temps),) = unit.chunks
+                    ops.temps = temps
+                    update(s, ops, p, g, *slots)
+
+    def _grad_array(self, unit: _Unit, grads: list[torch.Tensor]) -> np.ndarray:
+        """The gradients of ``unit`` as one array laid out as the unit's parameter array."""
+        if unit.end - unit.start == 1:
+            g = grads[unit.start]
+            return as_array(g).reshape(-1) if unit.flat else as_array(g)
+        gs = grads[unit.start : unit.end]
+        base = _data_ptr(gs[0])
+        if all(map(_is_contiguous, gs)) and [_data_ptr(g) - base for g in gs] == unit.grad_offsets:
+            storage = gs[0].untyped_storage()
+            if (
+                base + unit.grad_offsets[-1] + gs[-1].nbytes
+                <= storage.data_ptr() + storage.nbytes()
+            ):
+                return as_array(span(gs, 0, len(gs)))
+        return np.concatenate([as_array(g).reshape(-1) for g in gs])
