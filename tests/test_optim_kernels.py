@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tf1_numpy import Reference
 
 import polyak
 import polyak.optim as po
@@ -233,14 +234,17 @@ LAYOUTS = ["plain", "float64", "channels_last", "flat", "flat, gradients apart"]
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_numpy_chunks_give_the_bits_of_torch_foreach(name, layout, monkeypatch):
-    """The CPU's NumPy path (small chunks, so that tensors are cut) against torch's foreach
-    path, weights and slots, on layouts that take each branch of the chunk plan."""
+    """The CPU's NumPy path against torch's foreach path, weights and slots, on layouts that
+    take each branch of the chunk plan: small chunks (the weights are cut), the biases stepped
+    together."""
     monkeypatch.setattr(_arrays, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(_arrays, "STAGED_ELEMENTS", 100)
     chunked, opt = run(conv_net(layout), name)
-    if layout != "plain":
-        assert any(isinstance(p, _arrays.ArrayPlan) for p in opt._plans.values()) or (
-            name == "GradientDescentOptimizer"
-        )
+    plans = [p for p in opt._plans.values() if isinstance(p, _arrays.ArrayPlan)]
+    if name != "GradientDescentOptimizer":  # one pass: torch's foreach
+        (plan,) = plans
+        assert any(len(u.chunks) > 1 for u in plan.units) or layout == "channels_last"
+        assert len(plan.staged) == (0 if layout.startswith("flat") else 1)
     monkeypatch.setattr(_base, "ARRAY_DTYPES", frozenset())
     reference, ref_opt = run(conv_net(layout), name)
     assert all(torch.equal(a, b) for a, b in zip(chunked, reference))
@@ -277,3 +281,31 @@ def test_a_parameter_with_overlapping_memory_is_left_to_torch():
     p.grad = torch.ones(4)
     with pytest.raises(RuntimeError, match="single memory location"):
         opt.step()  # torch's in-place check, where NumPy would write one element four times
+
+
+@pytest.mark.parametrize("l1", [0.0, 0.05])
+@pytest.mark.parametrize("initial", [0.1, 0.0])
+def test_ftrl_gives_tfs_zeros_where_linear_is_within_l1(l1, initial):
+    """TF's ``select(|linear| > l1, x / y, 0)`` gives +0 where ``linear`` is 0; with l1 = 0
+    the update takes ``0 - linear`` for ``x`` and leaves out ``+ 2 * l2`` (0): the same bits,
+    zero signs included, as TF's formula (tests/tf1_numpy.py) on gradients that keep part of
+    ``linear`` at zero."""
+    torch.manual_seed(0)
+    start = torch.randn(64)
+    start[:8], start[8:16] = 0.0, -0.0
+    kwargs = {"learning_rate": 0.1, "initial_accumulator_value": initial}
+    kwargs["l1_regularization_strength"] = l1
+    w = torch.nn.Parameter(start.clone())
+    opt = po.FtrlOptimizer([w], **kwargs)
+    reference = Reference("FtrlOptimizer", kwargs, start.numpy().copy())
+    expected = start.numpy().copy()
+    for i in range(3):
+        grad = torch.randn(64, generator=torch.Generator().manual_seed(i))
+        grad[:24] = 0.0 if i else -0.0
+        w.grad = grad
+        opt.step()
+        with np.errstate(all="ignore"):
+            expected = reference.step(expected, grad.numpy(), 0.1)
+        got = w.detach().numpy()
+        assert np.array_equal(got, expected, equal_nan=True)
+        assert np.array_equal(np.signbit(got), np.signbit(expected))

@@ -31,10 +31,15 @@ from polyak.flat import runs, span
 
 __all__ = ["CHUNK_BYTES", "ArrayOps", "ArrayPlan", "writable"]
 
-CHUNK_BYTES = 128 << 10
+CHUNK_BYTES = 512 << 10
 """Bytes of each array in a chunk: a rule's five to eight arrays of a chunk fit the 1 MiB L2
 cache of the processor of docs/optim.md with room to spare, and a chunk is long enough that a
 call's fixed cost (a fraction of a microsecond) is small beside its arithmetic."""
+
+STAGED_ELEMENTS = 4096
+"""Tensors of at most this many elements (biases, normalization weights) are stepped together,
+copied into one array per list and back (:class:`_Staged`): a NumPy call costs about as much
+as the arithmetic of a few thousand elements, and a rule makes ten-odd calls per array."""
 
 TEMPORARIES = 4  # temporaries 0-2 for the rules, 3 for the fused operations' intermediate
 
@@ -109,6 +114,10 @@ class ArrayOps:
         """``a - b``."""
         return _sub(a, b, self.temps[k])
 
+    def rsub(self, k: int, c: Any, a: np.ndarray) -> np.ndarray:
+        """``c - a``."""
+        return _sub(c, a, self.temps[k])
+
     def copy(self, k: int, a: np.ndarray) -> np.ndarray:
         """A copy of ``a``."""
         out = self.temps[k]
@@ -120,7 +129,8 @@ class ArrayOps:
         return _sqrt(a, self.temps[k])
 
     def clamp(self, k: int, a: np.ndarray, low: Any, high: Any) -> np.ndarray:
-        """``max(min(a, high), low)`` (NaN stays NaN)."""
+        """``max(min(a, high), low)`` (NaN stays NaN; where ``a`` ties with a bound of zero
+        the result may be either zero, unlike torch's ``clamp``: keep zero bounds out)."""
         out = np.minimum(a, high, out=self.temps[k])
         return np.maximum(out, low, out=out)
 
@@ -194,14 +204,41 @@ class _Unit:
         self.grad_offsets: list[int] = []  # byte offsets of the run's gradients, back to back
 
 
+class _Staged:
+    """Small tensors (:data:`STAGED_ELEMENTS`) updated together: their parameters, slots and
+    gradients copied into one array per list, stepped there, copied back."""
+
+    __slots__ = ("flat_grads", "grad_stage", "indices", "sources", "stages", "temps", "writes")
+
+    def __init__(self, members: list[tuple[int, list[np.ndarray], bool]], dtype: np.dtype) -> None:
+        total = sum(arrays[0].size for _, arrays, _ in members)
+        self.indices = [i for i, _, _ in members]
+        lists = len(members[0][1])
+        self.stages = [np.empty(total, dtype) for _ in range(lists)]
+        self.sources = [[arrays[j] for _, arrays, _ in members] for j in range(lists)]
+        self.writes: list[tuple[np.ndarray, np.ndarray]] = []
+        offset = 0
+        for _, arrays, _ in members:
+            n = arrays[0].size
+            self.writes += [
+                (a, stage[offset : offset + n]) for a, stage in zip(arrays, self.stages)
+            ]
+            offset += n
+        self.grad_stage = torch.from_numpy(np.empty(total, dtype))
+        # whether each gradient is 1-D already (parameters and gradients share shapes)
+        self.flat_grads = [one_dim for _, _, one_dim in members]
+        self.temps: list[np.ndarray] = []
+
+
 class ArrayPlan:
     """The chunks of one (param group, device, dtype) on the CPU: NumPy views of the
     parameters and slots and the temporaries, built once and kept while the same parameters
     (same memory) and slot tensors are updated. Gradients are read anew every step (they are
     often new tensors); a run whose gradients do not lie back to back, as its parameters do,
-    has them copied into one array for the step."""
+    has them copied into one array for the step. Small tensors are stepped together
+    (:class:`_Staged`)."""
 
-    __slots__ = ("_params", "_slots", "_temps", "units")
+    __slots__ = ("_params", "_slots", "_temps", "staged", "units")
 
     def __init__(self, params: list[torch.Tensor], slots: list[list[torch.Tensor]]) -> None:
         self._params = params
@@ -210,12 +247,16 @@ class ArrayPlan:
         limit = max(1, CHUNK_BYTES // dtype.itemsize)
         largest = 0
         self.units: list[_Unit] = []
+        small: list[tuple[int, list[np.ndarray], bool]] = []
         for start, end in runs(params, *slots):
             ts = [span(params, start, end), *(span(ss, start, end) for ss in slots)]
             flat = all(map(_is_contiguous, ts))
-            unit = _Unit(start, end, flat)
             arrays = [as_array(t).reshape(-1) if flat else as_array(t) for t in ts]
             n = arrays[0].size
+            if flat and end - start == 1 and 0 < n <= STAGED_ELEMENTS:
+                small.append((start, arrays, params[start].dim() == 1))
+                continue
+            unit = _Unit(start, end, flat)
             unit.bounds = [(s, min(n, s + limit)) for s in range(0, n, limit)] if flat else [(0, n)]
             if end - start > 1:
                 offsets = [0]
@@ -232,10 +273,21 @@ class ArrayPlan:
                 for s, e in unit.bounds
             ]
             self.units.append(unit)
+        self.staged: list[_Staged] = []
+        while small:
+            count, total = 0, 0
+            while count < len(small) and (not count or total + small[count][1][0].size <= limit):
+                total += small[count][1][0].size
+                count += 1
+            self.staged.append(_Staged(small[:count], dtype))
+            small = small[count:]
+            largest = max(largest, total)
         self._temps = [np.empty(max(largest, 1), dtype) for _ in range(TEMPORARIES)]
         for unit in self.units:
             for (s, e), (p, _, temps) in zip(unit.bounds, unit.chunks):
                 temps.extend(t[: e - s].reshape(p.shape) for t in self._temps)
+        for st in self.staged:
+            st.temps = [t[: st.stages[0].size] for t in self._temps]
 
     def matches(self, params: list[torch.Tensor], slots: list[list[torch.Tensor]]) -> bool:
         """Whether this plan describes ``params`` and ``slots``: the same tensors (the caller
@@ -263,6 +315,18 @@ class ArrayPlan:
                     ((p, slots, temps),) = unit.chunks
                     ops.temps = temps
                     update(s, ops, p, g, *slots)
+            for st in self.staged:
+                for stage, sources in zip(st.stages, st.sources):
+                    np.concatenate(sources, out=stage)
+                gs = [grads[i] for i in st.indices]
+                torch.cat(
+                    [g if flat else g.reshape(-1) for g, flat in zip(gs, st.flat_grads)],
+                    out=st.grad_stage,
+                )
+                ops.temps = st.temps
+                update(s, ops, st.stages[0], st.grad_stage.numpy(), *st.stages[1:])
+                for dst, src in st.writes:
+                    np.copyto(dst, src)
 
     def _grad_array(self, unit: _Unit, grads: list[torch.Tensor]) -> np.ndarray:
         """The gradients of ``unit`` as one array laid out as the unit's parameter array."""

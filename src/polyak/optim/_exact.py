@@ -134,6 +134,17 @@ class ForeachOps:
             torch.sub(x, y, out=o)
         return out
 
+    def rsub(self, k: int, c: float, a: Tensors) -> Tensors:
+        """``c - a``, as ``(-a) + c`` (IEEE subtraction is the sum with the negation)."""
+        out = self._out(k, a)
+        if out is None:
+            out = torch._foreach_neg(a)
+        else:
+            for x, o in zip(a, out):
+                torch.neg(x, out=o)
+        torch._foreach_add_(out, c)
+        return out
+
     def add(self, k: int, a: Tensors, c: float) -> Tensors:
         """``a + c``."""
         out = self._out(k, a)

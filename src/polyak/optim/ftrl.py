@@ -34,6 +34,9 @@ class _Scalars(NamedTuple):
     two_l2_shrinkage: float
     shrinkage: bool
     select: bool  # dense kernel's select(|linear| > l1, x / y, 0), where x / y can be 0 / 0
+    no_l1: bool  # l1 == 0: x = 0 - linear
+    no_l2: bool  # 2 * l2 == 0: y = new_accum**p / lr
+    zero: float = 0.0
 
 
 class FtrlOptimizer(TFOptimizer):
@@ -120,6 +123,8 @@ class FtrlOptimizer(TFOptimizer):
             two_l2_shrinkage=a.mul(2.0, a.hyper(shrinkage)),
             shrinkage=shrinkage > 0.0,  # TF's ApplyFtrlV2 only then
             select=float(group["initial_accumulator_value"]) == 0.0 and l2 == 0.0,
+            no_l1=float(group["l1_regularization_strength"]) == 0.0,
+            no_l2=l2 == 0.0,
         )
 
     def _power(self, s: _Scalars, ops: Ops, k: int, tensors: Any) -> Any:
@@ -147,10 +152,15 @@ class FtrlOptimizer(TFOptimizer):
         ops.add_(minus_sigma, shrunk)
         ops.add_(linear, minus_sigma)
         ops.div_(root, s.lr)  # y = new_accum**p / lr + 2 * l2
-        ops.add_(root, s.two_l2)
-        # x = l1 * sign(linear) - linear where |linear| > l1, else (linear - linear) = 0.
-        x = ops.clamp(0, linear, -s.l1, s.l1)
-        ops.sub_(x, linear)
+        if not s.no_l2:  # adding 0 changes no y: y >= +0 (a root of new_accum >= +0) or NaN
+            ops.add_(root, s.two_l2)
+        if s.no_l1:
+            # l1 * sign(linear) - linear is 0 - linear for linear != 0, and where linear is
+            # +0 or -0 TF's select gives +0, as 0 - linear does
+            x = ops.rsub(0, s.zero, linear)
+        else:  # l1 * sign(linear) - linear where |linear| > l1, else (linear - linear) = 0
+            x = ops.clamp(0, linear, -s.l1, s.l1)
+            ops.sub_(x, linear)
         if s.select:  # y can be 0 only with a zero initial accumulator and l2 = 0
             ops.div_(x, root)
             ops.keep_where_abs_above_(x, linear, s.l1)
