@@ -19,12 +19,16 @@ only ``step()`` is timed. Variants:
   (``import timm`` would import torchvision, which does not import beside this torch build;
   SB3's module needs only torch): ``pip install --no-deps timm stable-baselines3`` suffices.
 
-Two floors for RMSProp, NumPy loops over the model's values in polyak's CPU chunks (not
-optimizers, no update rule): ``floor: RMSProp's memory traffic`` reads the four arrays TF's
-rule reads (weights, gradients, mean square, momentum) and writes the three it writes, with
-the fewest passes that touch them all (three ``maximum``s a chunk); ``floor: exact square
-roots`` takes the correctly rounded square root of every mean square. No implementation of
-TF's rule, exact or not, steps faster than the first; every exact one also pays the second.
+Three floors for RMSProp on the CPU, NumPy loops over copies of the model's values in polyak's
+chunks (not optimizers): ``floor: RMSProp's memory traffic`` reads the four arrays TF's rule
+reads (weights, gradients, mean square, momentum) and writes the three it writes, with the
+fewest passes that touch them all (three ``maximum``s a chunk), no arithmetic; ``floor: exact
+square roots`` takes the correctly rounded square root of every mean square; ``floor: TF's
+rule on cached data`` runs polyak's RMSProp update (its NumPy operations, one per rounding of
+TF's kernel) as many times as the model has chunks, always on the same chunk, which stays in
+cache: the arithmetic with no memory traffic. No implementation of TF's rule steps faster than
+the first; every exact one pays the second; every one made of one call per operation (torch,
+NumPy: anything short of a compiled fused kernel) pays the third.
 
 Method: every round runs every variant for ``--inner`` consecutive steps (3 on mlp48, 40 on
 dqn by default), in an order whose start rotates each round and whose direction alternates
@@ -59,7 +63,8 @@ import torch
 import polyak
 import polyak.optim as po
 from polyak.flat import pack
-from polyak.optim._arrays import CHUNK_BYTES
+from polyak.optim._arith import Arith
+from polyak.optim._arrays import CHUNK_BYTES, ArrayOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_optimizer import case, quantile
@@ -147,7 +152,7 @@ class Variant:
 
 class Floor:
     """A lower bound on a CPU step of TF's RMSProp over the model's values (see the module
-    docstring): ``what`` is ``"traffic"`` or ``"sqrt"``. Duck-types ``step()``."""
+    docstring): ``what`` is ``"traffic"``, ``"sqrt"`` or ``"cached"``. Duck-types ``step()``."""
 
     def __init__(self, grads: list[torch.Tensor], what: str) -> None:
         n = sum(g.numel() for g in grads)
@@ -156,7 +161,15 @@ class Floor:
         size = CHUNK_BYTES // 4
         self.chunks = [[a[s : s + size] for a in self.arrays] for s in range(0, n, size)]
         self.scratch = np.empty(size, np.float32)
-        self.step = self._traffic if what == "traffic" else self._sqrt
+        self.step = {"traffic": self._traffic, "sqrt": self._sqrt, "cached": self._cached}[what]
+        # polyak's own RMSProp update (its private NumPy operations) on the first chunk only
+        self.rule = po.RMSPropOptimizer([torch.nn.Parameter(torch.zeros(1))], LR)
+        self.ops = ArrayOps(torch.float32)
+        first = self.chunks[0]
+        self.ops.temps = [np.empty(first[0].size, np.float32) for _ in range(4)]
+        self.ops.twins = {id(a): torch.from_numpy(a) for a in (*first, *self.ops.temps)}
+        group = self.rule.param_groups[0]
+        self.scalars = self.ops.scalars(self.rule._scalars(group, Arith(torch.float32)))
 
     def _traffic(self) -> None:
         maximum = np.maximum
@@ -169,8 +182,18 @@ class Floor:
         for _, _, ms, _ in self.chunks:
             np.sqrt(ms, out=self.scratch[: ms.size])
 
+    def _cached(self) -> None:
+        update, s, ops, chunk = self.rule._update, self.scalars, self.ops, self.chunks[0]
+        with np.errstate(all="ignore"):
+            for _ in self.chunks:  # as many chunks as the model has, all the first one
+                update(s, ops, *chunk)
 
-FLOORS = {"floor: RMSProp's memory traffic": "traffic", "floor: exact square roots": "sqrt"}
+
+FLOORS = {
+    "floor: RMSProp's memory traffic": "traffic",
+    "floor: exact square roots": "sqrt",
+    "floor: TF's rule on cached data": "cached",
+}
 
 
 def build(name: str, device: torch.device, batch: int) -> tuple[dict[str, Any], list[tuple]]:

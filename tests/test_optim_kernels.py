@@ -309,3 +309,19 @@ def test_ftrl_gives_tfs_zeros_where_linear_is_within_l1(l1, initial):
         got = w.detach().numpy()
         assert np.array_equal(got, expected, equal_nan=True)
         assert np.array_equal(np.signbit(got), np.signbit(expected))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_step_counts_as_an_in_place_write_for_autograd(flat):
+    """The NumPy path writes through views that torch does not see: the step still advances
+    the parameters' version counters, so a backward pass through values it overwrote fails
+    as with torch's optimizers instead of giving wrong gradients."""
+    net = conv_net("flat" if flat else "plain")
+    opt = po.AdamOptimizer(net.parameters(), 0.01)
+    loss = net(torch.randn(2, 3, 6, 6)).square().sum()
+    loss.backward(retain_graph=True)
+    versions = [p._version for p in net.parameters()]
+    opt.step()
+    assert all(p._version > v for p, v in zip(net.parameters(), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

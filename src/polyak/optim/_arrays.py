@@ -78,12 +78,29 @@ class ArrayOps:
     last result made with ``k``. Called under ``np.errstate(all="ignore")``
     (:meth:`ArrayPlan.run`): IEEE results, silently, as torch gives them."""
 
-    __slots__ = ("_consts", "_dtype", "temps")
+    __slots__ = ("_consts", "_dtype", "_grad_twin", "_one", "grad", "temps", "twins")
 
     def __init__(self, dtype: torch.dtype) -> None:
         self._dtype = as_array(torch.empty(0, dtype=dtype)).dtype
+        self._one = torch.ones((), dtype=dtype)
         self._consts: dict[Any, np.ndarray] = {}
         self.temps: Sequence[np.ndarray] = ()
+        self.twins: dict[int, torch.Tensor] = {}
+        self.grad: np.ndarray | None = None  # the chunk's gradient, whose twin is made on demand
+        self._grad_twin: torch.Tensor | None = None
+
+    def chunk(self, temps: Sequence[np.ndarray], grad: np.ndarray) -> None:
+        """Start a chunk: its temporaries and its gradient array."""
+        self.temps, self.grad, self._grad_twin = temps, grad, None
+
+    def _twin(self, a: Any) -> torch.Tensor | None:
+        """A tensor over array ``a`` if ``a`` is one the plan keeps or the chunk's gradient."""
+        t = self.twins.get(id(a))
+        if t is None and a is self.grad:
+            t = self._grad_twin
+            if t is None:
+                t = self._grad_twin = torch.from_numpy(a)
+        return t
 
     def scalars(self, s: Any) -> Any:
         """``s`` (a rule's scalars: a float or a named tuple) with its floats as 0-d arrays of
@@ -178,13 +195,40 @@ class ArrayOps:
         """``x = x if |y| > bound else 0`` (0 where ``y`` is NaN)."""
         np.copyto(x, 0, where=~(np.abs(y) > bound))
 
-    def add_scaled_(self, x: np.ndarray, y: np.ndarray, c: float) -> None:
-        """``x += round(y * c)``."""
+    def add_scaled_(self, x: np.ndarray, y: np.ndarray, c: Any) -> None:
+        """``x += round(y * c)``: one torch ``addcmul(x, y, 1, value=c)`` where both arrays
+        have tensor :attr:`twins` (``polyak.optim._exact``: exact on the CPU), else two
+        NumPy passes."""
+        tx, ty = self._twin(x), self._twin(y)
+        if tx is not None and ty is not None:
+            tx.addcmul_(ty, self._one, value=float(c))
+            return
         t = _mul(y, c, self.temps[-1])
         _add(x, t, x)
 
-    def add_scaled_quotient_(self, x: np.ndarray, y: np.ndarray, z: np.ndarray, c: float) -> None:
-        """``x += round(round(y * c) / z)``."""
+    def scale_add_(self, x: np.ndarray, c: Any, y: np.ndarray) -> None:
+        """``x = round(x * c) + y``: one torch ``addcmul(y, x, 1, value=c)`` into ``x`` where
+        both have :attr:`twins` (exact on the CPU, as :meth:`add_scaled_`), else two passes."""
+        tx, ty = self._twin(x), self._twin(y)
+        if tx is not None and ty is not None:
+            torch.addcmul(ty, tx, self._one, value=float(c), out=tx)
+            return
+        _mul(x, c, x)
+        _add(x, y, x)
+
+    def add_scaled_quotient_(self, x: np.ndarray, y: np.ndarray, z: np.ndarray, c: Any) -> None:
+        """``x += round(round(y * c) / z)``: one torch ``addcdiv(x, y, z, value=c)`` where the
+        arrays have tensor :attr:`twins` (exact on the CPU), else the product first (a
+        gradient has no twin) and ``addcdiv`` by 1, else three NumPy passes."""
+        tx, tz = self._twin(x), self._twin(z)
+        if tx is not None and tz is not None:
+            ty = self._twin(y)
+            if ty is not None:
+                tx.addcdiv_(ty, tz, value=float(c))
+                return
+            t = _mul(y, c, self.temps[-1])
+            tx.addcdiv_(self.twins[id(t)], tz)
+            return
         t = _mul(y, c, self.temps[-1])
         _div(t, z, t)
         _add(x, t, x)
@@ -194,7 +238,7 @@ class _Unit:
     """Tensors ``start:end`` of the lists: a run merged into one flat array per list, or one
     tensor (kept in its shape when it or a slot is not contiguous), cut into chunks."""
 
-    __slots__ = ("bounds", "chunks", "end", "flat", "grad_offsets", "start")
+    __slots__ = ("bounds", "chunks", "end", "flat", "grad_offsets", "grads", "start")
 
     def __init__(self, start: int, end: int, flat: bool) -> None:
         self.start, self.end, self.flat = start, end, flat
@@ -202,13 +246,25 @@ class _Unit:
         # Per chunk: (parameter, slots..., temporaries), arrays of the chunk.
         self.chunks: list[tuple[np.ndarray, tuple[np.ndarray, ...], list[np.ndarray]]] = []
         self.grad_offsets: list[int] = []  # byte offsets of the run's gradients, back to back
+        # the data pointers of a run's gradients and a view over them, while they lie back to
+        # back (after polyak.flatten_parameters_, in one buffer kept from step to step)
+        self.grads: tuple[list[int], np.ndarray] | None = None
 
 
 class _Staged:
     """Small tensors (:data:`STAGED_ELEMENTS`) updated together: their parameters, slots and
     gradients copied into one array per list, stepped there, copied back."""
 
-    __slots__ = ("flat_grads", "grad_stage", "indices", "sources", "stages", "temps", "writes")
+    __slots__ = (
+        "flat_grads",
+        "grad_array",
+        "grad_stage",
+        "indices",
+        "sources",
+        "stages",
+        "temps",
+        "writes",
+    )
 
     def __init__(self, members: list[tuple[int, list[np.ndarray], bool]], dtype: np.dtype) -> None:
         total = sum(arrays[0].size for _, arrays, _ in members)
@@ -224,7 +280,8 @@ class _Staged:
                 (a, stage[offset : offset + n]) for a, stage in zip(arrays, self.stages)
             ]
             offset += n
-        self.grad_stage = torch.from_numpy(np.empty(total, dtype))
+        self.grad_array = np.empty(total, dtype)
+        self.grad_stage = torch.from_numpy(self.grad_array)
         # whether each gradient is 1-D already (parameters and gradients share shapes)
         self.flat_grads = [one_dim for _, _, one_dim in members]
         self.temps: list[np.ndarray] = []
@@ -238,7 +295,7 @@ class ArrayPlan:
     has them copied into one array for the step. Small tensors are stepped together
     (:class:`_Staged`)."""
 
-    __slots__ = ("_params", "_slots", "_temps", "staged", "units")
+    __slots__ = ("_marks", "_params", "_slots", "_temps", "staged", "twins", "units")
 
     def __init__(self, params: list[torch.Tensor], slots: list[list[torch.Tensor]]) -> None:
         self._params = params
@@ -288,6 +345,20 @@ class ArrayPlan:
                 temps.extend(t[: e - s].reshape(p.shape) for t in self._temps)
         for st in self.staged:
             st.temps = [t[: st.stages[0].size] for t in self._temps]
+        # Tensors over the arrays the plan keeps, for the fused exact torch operations.
+        self.twins: dict[int, torch.Tensor] = {}
+        for unit in self.units:
+            for p, unit_slots, temps in unit.chunks:
+                for a in (p, *unit_slots, *temps):
+                    self.twins[id(a)] = torch.from_numpy(a)
+        for st in self.staged:
+            for a in (*st.stages, *st.temps):
+                self.twins[id(a)] = torch.from_numpy(a)
+            self.twins[id(st.grad_array)] = st.grad_stage
+        # Writes through NumPy do not count as torch's in-place writes: an empty view of each
+        # parameter, zeroed after every step, advances its version counter as they would (so
+        # autograd still refuses a backward pass through values the step overwrote).
+        self._marks = [p.detach().as_strided((0,), (1,)) for p in params]
 
     def matches(self, params: list[torch.Tensor], slots: list[list[torch.Tensor]]) -> bool:
         """Whether this plan describes ``params`` and ``slots``: the same tensors (the caller
@@ -304,16 +375,27 @@ class ArrayPlan:
     ) -> None:
         """``update(s, ops, param, grad, *slots)`` on every chunk, with ``grads`` (one per
         parameter, as the plan's)."""
+        ops.twins = self.twins
+        try:
+            self._run(update, s, ops, grads)
+        finally:
+            ops.twins = {}
+            ops.chunk((), None)
+        torch._foreach_zero_(self._marks)
+
+    def _run(
+        self, update: Callable[..., None], s: Any, ops: ArrayOps, grads: list[torch.Tensor]
+    ) -> None:
         with np.errstate(all="ignore"):
             for unit in self.units:
                 g = self._grad_array(unit, grads)
                 if unit.flat:
                     for (start, end), (p, slots, temps) in zip(unit.bounds, unit.chunks):
-                        ops.temps = temps
-                        update(s, ops, p, g[start:end], *slots)
+                        ops.chunk(temps, grad := g[start:end])
+                        update(s, ops, p, grad, *slots)
                 else:
                     ((p, slots, temps),) = unit.chunks
-                    ops.temps = temps
+                    ops.chunk(temps, g)
                     update(s, ops, p, g, *slots)
             for st in self.staged:
                 for stage, sources in zip(st.stages, st.sources):
@@ -323,8 +405,8 @@ class ArrayPlan:
                     [g if flat else g.reshape(-1) for g, flat in zip(gs, st.flat_grads)],
                     out=st.grad_stage,
                 )
-                ops.temps = st.temps
-                update(s, ops, st.stages[0], st.grad_stage.numpy(), *st.stages[1:])
+                ops.chunk(st.temps, st.grad_array)
+                update(s, ops, st.stages[0], st.grad_array, *st.stages[1:])
                 for dst, src in st.writes:
                     np.copyto(dst, src)
 
@@ -334,12 +416,19 @@ class ArrayPlan:
             g = grads[unit.start]
             return as_array(g).reshape(-1) if unit.flat else as_array(g)
         gs = grads[unit.start : unit.end]
-        base = _data_ptr(gs[0])
-        if all(map(_is_contiguous, gs)) and [_data_ptr(g) - base for g in gs] == unit.grad_offsets:
+        ptrs = list(map(_data_ptr, gs))
+        cached = unit.grads
+        if cached is not None and cached[0] == ptrs:
+            return cached[1]  # a view of the same memory (which it keeps from being freed)
+        unit.grads = None
+        base = ptrs[0]
+        if all(map(_is_contiguous, gs)) and [p - base for p in ptrs] == unit.grad_offsets:
             storage = gs[0].untyped_storage()
             if (
                 base + unit.grad_offsets[-1] + gs[-1].nbytes
                 <= storage.data_ptr() + storage.nbytes()
             ):
-                return as_array(span(gs, 0, len(gs)))
+                array = as_array(span(gs, 0, len(gs)))
+                unit.grads = (ptrs, array)
+                return array
         return np.concatenate([as_array(g).reshape(-1) for g in gs])

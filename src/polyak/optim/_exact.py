@@ -225,6 +225,11 @@ class ForeachOps:
         """``x += round(y * c)`` (:func:`add_scaled_`)."""
         add_scaled_(x, y, c)
 
+    def scale_add_(self, x: Tensors, c: float, y: Tensors) -> None:
+        """``x = round(x * c) + y``."""
+        torch._foreach_mul_(x, c)
+        torch._foreach_add_(x, y)
+
     def add_scaled_quotient_(self, x: Tensors, y: Tensors, z: Tensors, c: float) -> None:
         """``x += round(round(y * c) / z)`` (:func:`add_scaled_quotient_`)."""
         add_scaled_quotient_(x, y, z, c)

@@ -72,8 +72,7 @@ class MomentumOptimizer(TFOptimizer):
         self, s: _Scalars, ops: Ops, params: Operand, grads: Operand, *slots: Operand
     ) -> None:
         (accum,) = slots
-        ops.mul_(accum, s.momentum)
-        ops.add_(accum, grads)
+        ops.scale_add_(accum, s.momentum, grads)
         if not s.nesterov:
             ops.add_scaled_(params, accum, -s.lr)
             return
