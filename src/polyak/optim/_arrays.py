@@ -1,20 +1,27 @@
-"""TF's update rules on the CPU as NumPy calls over cache-sized chunks.
+"""TF's update rules on the CPU through NumPy, chunk by chunk.
 
-On the CPU torch's ``_foreach_*`` operations are a loop of per-tensor operations, each about a
-microsecond of dispatch, and TF's rules are ten-odd elementwise passes. A NumPy ufunc call with
-``out=`` costs about a third of that, rounds each operation once as TF's kernels do (IEEE
-``+ - * /`` and the hardware's square root, correctly rounded, where torch's CPU ``sqrt`` goes
-through MKL and is not on every processor), and writes in place. So float32 and float64
-parameters on the CPU are updated through NumPy views of their memory: every tensor, or every
-run of tensors that lies back to back in the parameters and every slot (after
-:func:`polyak.flatten_parameters_`), is cut into chunks of :data:`CHUNK_BYTES` per array, and the
-whole rule runs on one chunk before the next, while the chunk's arrays (parameter, gradient,
-slots, temporaries) sit in the core's L2 cache: memory is read and written once per step, the
-passes run from cache. :class:`ArrayPlan` keeps the views from step to step; :class:`ArrayOps`
-is the operation set the rules are written in (the same names as
-:class:`polyak.optim._exact.ForeachOps`, on single arrays).
+On the CPU torch's ``_foreach_*`` operations are a loop of per-tensor operations (a microsecond
+or more of dispatch each) over whole tensors, and TF's rules take ten-odd elementwise passes,
+each rounded as TF rounds it. So float32 and float64 parameters on the CPU are updated through
+NumPy views of their memory (:class:`ArrayPlan`, kept from step to step):
 
-docs/optim.md ("Speed") has the measurements behind these choices.
+- every tensor, or every run of tensors that lies back to back in the parameters and every
+  slot (after :func:`polyak.flatten_parameters_`), is cut into chunks of :data:`CHUNK_BYTES`
+  per array, and the whole rule runs on a chunk before the next, so that its passes find the
+  chunk in cache and memory is read and written about once a step;
+- tensors of at most :data:`STAGED_ELEMENTS` elements are copied into one array per list,
+  stepped together and copied back;
+- each of TF's operations is one NumPy ufunc call with ``out=`` (IEEE ``+ - * /``, and the
+  hardware's correctly rounded square root, where torch's CPU ``sqrt`` goes through MKL and is
+  not correctly rounded on every processor), except the fused forms that are exact on the CPU
+  (:mod:`polyak.optim._exact`): ``x + round(c * y)`` as torch's ``addcmul`` by 1 and
+  ``x + round(round(c * y) / z)`` as ``addcdiv``, run on tensors over the same memory
+  ("twins"), one pass where NumPy takes two or three.
+
+:class:`ArrayOps` is the operation set the rules are written in, with the names of
+:class:`polyak.optim._exact.ForeachOps` (torch's foreach lists, everywhere else). Writes
+through NumPy are invisible to torch's version counters: :meth:`ArrayPlan.run` advances them
+as torch's in-place updates would. docs/optim.md ("Speed") has the measurements behind this.
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ from polyak.flat import runs, span
 __all__ = ["CHUNK_BYTES", "ArrayOps", "ArrayPlan", "writable"]
 
 CHUNK_BYTES = 512 << 10
-"""Bytes of each array in a chunk: a rule's five to eight arrays of a chunk fit the 1 MiB L2
-cache of the processor of docs/optim.md with room to spare, and a chunk is long enough that a
-call's fixed cost (a fraction of a microsecond) is small beside its arithmetic."""
+"""Bytes of each array in a chunk. A rule's six to nine arrays of a chunk stay in the L2 and L3
+caches through its passes; longer chunks stream from memory better and pay a call's fixed cost
+less often (on the mlp48 benchmark 128 KiB to 1 MiB were within a few percent of each other,
+512 KiB the best, 16 KiB three times slower for gradient descent)."""
 
 STAGED_ELEMENTS = 4096
 """Tensors of at most this many elements (biases, normalization weights) are stepped together,
@@ -74,9 +82,11 @@ class ArrayOps:
     An operand is an array (a chunk of a parameter, gradient or slot) or a scalar of the
     dtype: the rule's scalars, rounded to the dtype by ``Arith``, as :meth:`scalars` gives
     them (a Python float would be computed in the dtype too, more slowly). Results made with
-    ``k`` go to temporary ``k`` of the chunk (:attr:`temps`, set per chunk), overwriting the
-    last result made with ``k``. Called under ``np.errstate(all="ignore")``
-    (:meth:`ArrayPlan.run`): IEEE results, silently, as torch gives them."""
+    ``k`` go to temporary ``k`` of the chunk (:attr:`temps`, set by :meth:`chunk`),
+    overwriting the last result made with ``k``. The fused operations run on torch tensors
+    over the same memory where every array they write or read has one: :attr:`twins` (by
+    ``id``, the arrays a plan keeps, set by :meth:`ArrayPlan.run`) and the chunk's gradient.
+    Called under ``np.errstate(all="ignore")``: IEEE results, silently, as torch gives them."""
 
     __slots__ = ("_consts", "_dtype", "_grad_twin", "_one", "grad", "temps", "twins")
 
@@ -89,7 +99,7 @@ class ArrayOps:
         self.grad: np.ndarray | None = None  # the chunk's gradient, whose twin is made on demand
         self._grad_twin: torch.Tensor | None = None
 
-    def chunk(self, temps: Sequence[np.ndarray], grad: np.ndarray) -> None:
+    def chunk(self, temps: Sequence[np.ndarray], grad: np.ndarray | None) -> None:
         """Start a chunk: its temporaries and its gradient array."""
         self.temps, self.grad, self._grad_twin = temps, grad, None
 

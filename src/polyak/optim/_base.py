@@ -99,8 +99,10 @@ class TFOptimizer(torch.optim.Optimizer):
 
     Subclasses name their hyper-parameters and rules (:attr:`rules`; ``"lr"`` is TF's
     ``learning_rate``, so LR schedulers find it), their slots (:meth:`_slot_fills`: TF's slot
-    names and initial values) and their update (:meth:`_update`, foreach calls on lists of one
-    device and dtype; TF's op order, each op one rounding). This base:
+    names and initial values) and their update (:meth:`_update`, written once with an operation
+    set: :class:`~polyak.optim._exact.ForeachOps` on lists of tensors of one device and dtype,
+    or :class:`~polyak.optim._arrays.ArrayOps` on NumPy arrays; TF's op order, each op one
+    rounding). This base:
 
     - checks every hyper-parameter at construction, in :meth:`add_param_group`, and before each
       step (a scheduler may have set it), raising ``ValueError``/``TypeError`` that names it,
@@ -110,6 +112,9 @@ class TFOptimizer(torch.optim.Optimizer):
       get flat slots and each update runs one kernel per buffer;
     - steps each param group per (device, dtype) with scalars rounded as TF's kernels round them
       (:class:`~polyak.optim._arith.Arith`), computed on the host: no per-step host sync;
+      float32 and float64 tensors on the CPU through NumPy, chunk by chunk
+      (:mod:`polyak.optim._arrays`), the others with torch's foreach operations; what does not
+      change from step to step (groupings, chunks, scalars) is kept;
     - hands sparse COO gradients to :meth:`_update_sparse` (TF's ``_apply_sparse``);
     - refuses a state dict that is not of its own kind, naming what differs.
     """
@@ -356,7 +361,7 @@ class TFOptimizer(torch.optim.Optimizer):
         return out
 
     def _repack_slots(self) -> None:
-        """Give loaded slots storage of their own, packed per group as :meth:`_create_slots`
+        """Give loaded slots storage of their own, packed per group as :meth:`_slots`
         packs them (torch's load aliases the state dict's tensors and keeps their layout)."""
         state = self.state
         for group in self.param_groups:

@@ -1,9 +1,11 @@
-"""TF's elementwise roundings with torch operations, and the temporaries they need.
+"""TF's elementwise roundings with torch operations: :class:`ForeachOps`, the operation set
+the update rules are written in, on foreach lists (accelerators; on the CPU float16, bfloat16
+and, without NumPy, all dtypes: float32 and float64 go through :mod:`polyak.optim._arrays`).
 
-The update rules are written with the primitives below. Each computes exactly what TF's
-kernels compute (every product and quotient rounded before it is added: no fused multiply-add
-where TF has none) on every device and SIMD level, which tests/test_optim_kernels.py checks bit
-for bit at the default, AVX2 and native levels:
+Its operations use the primitives below. Each computes exactly what TF's kernels compute
+(every product and quotient rounded before it is added: no fused multiply-add where TF has
+none) on every device and SIMD level, which tests/test_optim_kernels.py checks bit for bit at
+the default, AVX2 and native levels:
 
 - plain single operations (``_foreach_mul_``, ``_foreach_add_`` with ``alpha`` 1, ...);
 - :func:`add_scaled_`, ``x += round(c * y)``: on the CPU one ``addcmul(x, y, 1, value=c)``
@@ -17,10 +19,11 @@ for bit at the default, AVX2 and native levels:
 Half and bfloat16 always take separate operations: torch computes the fused ones in float32 and
 rounds once, where TF rounds each operation to the variable's dtype.
 
-:class:`Temporaries` gives the intermediate tensors of an update. On the CPU they are views of
-buffers kept from step to step: allocating and freeing a few megabytes per piece made glibc
-return its pages and fault them back in, 5,600 page faults per Adam step on the flattened mlp48
-model (3.3 times the step's time). Elsewhere they come from torch's caching allocator.
+:class:`ForeachOps` makes an update's intermediate tensors. On the CPU (:class:`Reused`) they
+are views of buffers kept from step to step: allocating and freeing a few megabytes per piece
+made glibc return its pages and fault them back in, 5,600 page faults per Adam step on the
+flattened mlp48 model (3.3 times the step's time). Elsewhere they come from torch's caching
+allocator.
 """
 
 from __future__ import annotations
