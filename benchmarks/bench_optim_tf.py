@@ -19,13 +19,27 @@ only ``step()`` is timed. Variants:
   (``import timm`` would import torchvision, which does not import beside this torch build;
   SB3's module needs only torch): ``pip install --no-deps timm stable-baselines3`` suffices.
 
+Three floors for RMSProp on the CPU, NumPy loops over copies of the model's values in polyak's
+chunks (not optimizers): ``floor: RMSProp's memory traffic`` reads the four arrays TF's rule
+reads (weights, gradients, mean square, momentum) and writes the three it writes, with the
+fewest passes that touch them all (three ``maximum``s a chunk), no arithmetic; ``floor: exact
+square roots`` takes the correctly rounded square root of every mean square; ``floor: TF's
+rule on cached data`` runs polyak's RMSProp update (its NumPy operations, one per rounding of
+TF's kernel) as many times as the model has chunks, always on the same chunk, which stays in
+cache: the arithmetic with no memory traffic. No implementation of TF's rule steps faster than
+the first; every exact one pays the second; every one made of one call per operation (torch,
+NumPy: anything short of a compiled fused kernel) pays the third.
+
 Method: every round runs every variant for ``--inner`` consecutive steps (3 on mlp48, 40 on
-dqn by default), in an order whose
-start rotates each round, timed with ``time.perf_counter_ns`` (``gc`` off). Reported: median
-time per step over the rounds and the median of the per-round ratios (both sides of a ratio
-ran in the same round, under the same load), with the 25-75 % range. After timing, the
-TF-style RMSprops must agree with polyak's to 1e-5 of the largest weight (the same rule,
-rounded differently), and flat and plain polyak runs bit for bit.
+dqn by default), in an order whose start rotates each round and whose direction alternates
+(A B C, C B A, ...), timed with ``time.thread_time_ns`` (``--clock cpu``, the default on the
+CPU: the time the stepping thread ran, which other jobs on a shared machine do not inflate;
+everything here runs on that one thread) and ``time.perf_counter_ns`` (``--clock wall``; on
+CUDA always wall, after a sync), ``gc`` off. Reported: median time per step over the rounds
+and the median of the per-round ratios (both sides of a ratio ran in the same round, under the
+same load), with the 25-75 % range; the JSON file has both clocks. After timing, the TF-style
+RMSprops must agree with polyak's to 1e-5 of the largest weight (the same rule, rounded
+differently), and flat and plain polyak runs bit for bit.
 """
 
 from __future__ import annotations
@@ -41,12 +55,16 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 import polyak
 import polyak.optim as po
 from polyak.flat import pack
+from polyak.optim._arith import Arith
+from polyak.optim._arrays import CHUNK_BYTES, ArrayOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_optimizer import case, quantile
@@ -132,7 +150,53 @@ class Variant:
         return [p.detach() for p in self.model.parameters()]
 
 
-def build(name: str, device: torch.device, batch: int) -> tuple[dict[str, Variant], list[tuple]]:
+class Floor:
+    """A lower bound on a CPU step of TF's RMSProp over the model's values (see the module
+    docstring): ``what`` is ``"traffic"``, ``"sqrt"`` or ``"cached"``. Duck-types ``step()``."""
+
+    def __init__(self, grads: list[torch.Tensor], what: str) -> None:
+        n = sum(g.numel() for g in grads)
+        flat_grads = torch.cat([g.reshape(-1) for g in grads]).abs()
+        self.arrays = [flat_grads.clone().numpy() for _ in range(4)]  # weights, grads, ms, mom
+        size = CHUNK_BYTES // 4
+        self.chunks = [[a[s : s + size] for a in self.arrays] for s in range(0, n, size)]
+        self.scratch = np.empty(size, np.float32)
+        self.step = {"traffic": self._traffic, "sqrt": self._sqrt, "cached": self._cached}[what]
+        # polyak's own RMSProp update (its private NumPy operations) on the first chunk only
+        self.rule = po.RMSPropOptimizer([torch.nn.Parameter(torch.zeros(1))], LR)
+        self.ops = ArrayOps(torch.float32)
+        first = self.chunks[0]
+        self.ops.temps = [np.empty(first[0].size, np.float32) for _ in range(4)]
+        self.ops.twins = {id(a): torch.from_numpy(a) for a in (*first, *self.ops.temps)}
+        group = self.rule.param_groups[0]
+        self.scalars = self.ops.scalars(self.rule._scalars(group, Arith(torch.float32)))
+
+    def _traffic(self) -> None:
+        maximum = np.maximum
+        for w, g, ms, mom in self.chunks:
+            maximum(ms, g, out=ms)
+            maximum(mom, ms, out=mom)
+            maximum(w, mom, out=w)
+
+    def _sqrt(self) -> None:
+        for _, _, ms, _ in self.chunks:
+            np.sqrt(ms, out=self.scratch[: ms.size])
+
+    def _cached(self) -> None:
+        update, s, ops, chunk = self.rule._update, self.scalars, self.ops, self.chunks[0]
+        with np.errstate(all="ignore"):
+            for _ in self.chunks:  # as many chunks as the model has, all the first one
+                update(s, ops, *chunk)
+
+
+FLOORS = {
+    "floor: RMSProp's memory traffic": "traffic",
+    "floor: exact square roots": "sqrt",
+    "floor: TF's rule on cached data": "cached",
+}
+
+
+def build(name: str, device: torch.device, batch: int) -> tuple[dict[str, Any], list[tuple]]:
     make_model, loss, *_ = case(name, device, batch)
     base = make_model().to(device)
     loss(base, 0).backward()
@@ -157,36 +221,47 @@ def build(name: str, device: torch.device, batch: int) -> tuple[dict[str, Varian
         lambda ps: timm_rmsprop(ps, lr=LR, eps=1e-10, foreach=True)
     )
     variants["SB3 RMSpropTFLike"] = variant(lambda ps: sb3_rmsprop(ps, lr=LR, alpha=0.9, eps=1e-10))
+    floors = list(FLOORS) if device.type == "cpu" else []
+    for floor in floors:
+        variants[floor] = Floor(grads, FLOORS[floor])  # type: ignore[assignment]
     for other in ("timm RMSpropTF", "timm RMSpropTF foreach", "SB3 RMSpropTFLike"):
-        pairs.append(("tf-style", "RMSProp", other))
-        pairs.append(("tf-style", "RMSProp (flat)", other))
+        for ours in ("RMSProp", "RMSProp (flat)", *floors):
+            pairs.append(("tf-style", ours, other))
     return variants, pairs
 
 
-def measure(variants: dict[str, Variant], rounds: int, inner: int, device) -> dict:
+def measure(variants: dict[str, Any], rounds: int, inner: int, device) -> dict:
+    """Per variant, ``{"wall": [...], "cpu": [...]}``: microseconds per step, one per round."""
+
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    def opt(v: Any) -> Any:
+        return v.opt if isinstance(v, Variant) else v
+
     for v in variants.values():  # warm up: state, layouts, allocator
         for _ in range(2):
-            v.opt.step()
+            opt(v).step()
     sync()
     names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in names}
     gc.collect()
     gc.disable()
     try:
         for r in range(rounds):
             k = r % len(names)
-            for n in names[k:] + names[:k]:
-                step = variants[n].opt.step
+            order = names[k:] + names[:k]
+            for n in order if r % 2 == 0 else order[::-1]:
+                step = opt(variants[n]).step
                 sync()
-                t0 = time.perf_counter_ns()
+                w0, c0 = time.perf_counter_ns(), time.thread_time_ns()
                 for _ in range(inner):
                     step()
                 sync()
-                times[n].append((time.perf_counter_ns() - t0) / inner / 1e3)
+                c1, w1 = time.thread_time_ns(), time.perf_counter_ns()
+                times[n]["wall"].append((w1 - w0) / inner / 1e3)
+                times[n]["cpu"].append((c1 - c0) / inner / 1e3)
     finally:
         gc.enable()
     return times
@@ -218,6 +293,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--inner", type=int, default=0, help="steps per timing (0: per case)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    parser.add_argument(
+        "--clock", choices=["cpu", "wall"], default="cpu", help="the table's clock (CPU: cpu)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
     if args.threads:
@@ -235,26 +313,30 @@ def run_case(name: str, device: torch.device, args: argparse.Namespace) -> dict:
     inner = args.inner or {"mlp48": 3, "dqn": 40}[name]
     times = measure(variants, args.rounds, inner, device)
     gaps = check(variants)
+    clock = args.clock if device.type == "cpu" else "wall"
     header = (
         f"{name} step: device={device} rounds={args.rounds} steps/round={inner} "
-        f"torch={torch.__version__} threads={torch.get_num_threads()}"
+        f"torch={torch.__version__} numpy={np.__version__} threads={torch.get_num_threads()} "
+        f"clock={clock}"
     )
     print(f"\n{header}")
     rows = []
     print("| polyak.optim | µs/step | against | µs/step | ratio (median of rounds) | 25-75 % |")
     print("|---|---:|---|---:|---:|---|")
     for table, ours, theirs in pairs:
-        ratios = [a / b for a, b in zip(times[ours], times[theirs])]
-        row = {
-            "table": table,
-            "ours": ours,
-            "theirs": theirs,
-            "ours_us": statistics.median(times[ours]),
-            "theirs_us": statistics.median(times[theirs]),
-            "ratio": statistics.median(ratios),
-            "ratio_25": quantile(ratios, 0.25),
-            "ratio_75": quantile(ratios, 0.75),
-        }
+        row: dict[str, Any] = {"table": table, "ours": ours, "theirs": theirs}
+        for c in ("cpu", "wall"):
+            ratios = [a / b for a, b in zip(times[ours][c], times[theirs][c])]
+            suffix = "" if c == clock else f"_{c}"
+            row.update(
+                {
+                    f"ours_us{suffix}": statistics.median(times[ours][c]),
+                    f"theirs_us{suffix}": statistics.median(times[theirs][c]),
+                    f"ratio{suffix}": statistics.median(ratios),
+                    f"ratio_25{suffix}": quantile(ratios, 0.25),
+                    f"ratio_75{suffix}": quantile(ratios, 0.75),
+                }
+            )
         rows.append(row)
         print(
             f"| {ours} | {row['ours_us']:,.0f} | {theirs} | {row['theirs_us']:,.0f} | "

@@ -14,6 +14,9 @@ from torch import nn
 
 import polyak
 import polyak.optim as po
+from polyak.optim import _arrays as arrays
+from polyak.optim import _base as base
+from polyak.optim import _batches as batches
 
 ALL = {
     "GradientDescentOptimizer": {"learning_rate": 0.1},
@@ -309,34 +312,50 @@ def test_polyak_optimizer_apply_gradients_with_global_step(name):
     assert same(weights(direct), weights(wrapped))
 
 
+@pytest.mark.parametrize("path", ["numpy", "foreach"])
 @pytest.mark.parametrize("name", sorted(ALL))
-def test_flattened_model_steps_one_buffer_and_the_same_bits(name, monkeypatch):
+def test_flattened_model_steps_one_buffer_and_the_same_bits(name, path, monkeypatch):
+    if path == "foreach":
+        monkeypatch.setattr(base, "ARRAY_DTYPES", frozenset())
     plain, flat = model(), model()
     polyak.flatten_parameters_(flat)
     train(plain, getattr(po, name)(plain.parameters(), **ALL[name]), 3)
     cls = getattr(po, name)
-    sizes = []
+    operands = []
     real = cls._update
 
-    def spy(self, s, tmp, params, *rest):
-        sizes.append(len(params))
-        return real(self, s, tmp, params, *rest)
+    def spy(self, s, ops, params, *rest):
+        operands.append(params)
+        return real(self, s, ops, params, *rest)
 
     monkeypatch.setattr(cls, "_update", spy)
     opt = cls(flat.parameters(), **ALL[name])
     train(flat, opt, 3)
     assert same(weights(plain), weights(flat))
-    assert sizes[-1] == 1  # one merged run: parameters, gradients and slots are contiguous
+    # one call a step, on one run: parameters, gradients and slots are contiguous
+    total = sum(p.numel() for p in flat.parameters())
+    assert len(operands) == 3
+    last = operands[-1]
+    if isinstance(last, np.ndarray):
+        assert last.shape == (total,) and np.shares_memory(last, as_numpy(flat[0].weight))
+    else:
+        assert [t.numel() for t in last] == [total]
+
+
+def as_numpy(t):
+    return t.detach().numpy()
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_the_accelerator_formulation_gives_the_same_bits(name, monkeypatch):
-    """Off the CPU the primitives take separate products and fresh temporaries (CUDA's foreach
-    kernels contract ``x + c * (y / z)``); run that formulation here: the same bits."""
+    """Off the CPU the update runs torch's foreach operations with separate products and fresh
+    temporaries (CUDA's foreach kernels contract ``x + c * (y / z)``), where the CPU's goes
+    through NumPy: run that formulation here: the same bits."""
     import polyak.optim._exact as exact
 
     cpu, accelerator = model(), model()
     train(cpu, getattr(po, name)(cpu.parameters(), **ALL[name]), 3)
+    monkeypatch.setattr(base, "ARRAY_DTYPES", frozenset())
     monkeypatch.setattr(exact, "_fused", lambda t: False)
     monkeypatch.setattr(exact.Reused, "_out", lambda self, k, like: None)
     train(accelerator, getattr(po, name)(accelerator.parameters(), **ALL[name]), 3)
@@ -357,20 +376,18 @@ def test_minimize_on_a_flattened_model_through_polyak_optimizer():
     assert same(weights(plain), weights(flat))
 
 
-def test_cpu_pieces_give_the_same_bits(monkeypatch):
-    import polyak.optim._batches as foreach
-
+@pytest.mark.parametrize("path", ["numpy", "foreach"])
+def test_cpu_pieces_give_the_same_bits(path, monkeypatch):
+    """Chunks (NumPy) or pieces (foreach) of a few KiB, which cut tensors, against one batch."""
     a, b = nn.Linear(300, 300), nn.Linear(300, 300)
     b.load_state_dict(a.state_dict())
-    opt_a = po.AdamOptimizer(a.parameters(), 0.01)
-    monkeypatch.setattr(foreach, "CPU_PIECE_BYTES", 4096)  # many pieces, split tensors
-    opt_b = po.AdamOptimizer(b.parameters(), 0.01)
+    if path == "foreach":
+        monkeypatch.setattr(base, "ARRAY_DTYPES", frozenset())
     x = torch.randn(4, 300)
-    for net, opt in ((a, opt_a), (b, opt_b)):
-        if net is a:
-            monkeypatch.setattr(foreach, "CPU_PIECE_BYTES", 1 << 30)
-        else:
-            monkeypatch.setattr(foreach, "CPU_PIECE_BYTES", 4096)
+    for net, size in ((a, 1 << 30), (b, 4096)):
+        monkeypatch.setattr(arrays, "CHUNK_BYTES", size)
+        monkeypatch.setattr(batches, "CPU_PIECE_BYTES", size)
+        opt = po.AdamOptimizer(net.parameters(), 0.01)
         for _ in range(2):
             opt.zero_grad()
             net(x).square().sum().backward()

@@ -12,9 +12,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tf1_numpy import Reference
 
 import polyak
-from polyak.optim import _batches, _exact
+import polyak.optim as po
+from polyak.optim import _arrays, _base, _batches, _exact
 from polyak.optim._arith import Arith, to_float32
 
 pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
@@ -83,6 +85,29 @@ PRIMITIVES = textwrap.dedent(
         T = R.sqrt(0, Z)
         assert np.array_equal(T[1].numpy(), np.sqrt(z[:7])), ("reused sqrt", dt)
         assert np.array_equal(R.mul(1, [torch.from_numpy(y)], float(c))[0].numpy(), y * c)
+    # The optimizers through NumPy (the CPU's path) and through the primitives above.
+    import polyak.optim as po
+    from polyak.optim import _base
+    for name, kwargs in [
+        ("MomentumOptimizer", {"learning_rate": 0.1, "momentum": 0.9, "use_nesterov": True}),
+        ("AdamOptimizer", {"learning_rate": 0.01}),
+        ("RMSPropOptimizer", {"learning_rate": 0.01, "momentum": 0.9, "centered": True}),
+        ("AdagradOptimizer", {"learning_rate": 0.1}),
+        ("AdadeltaOptimizer", {"learning_rate": 1.0}),
+        ("FtrlOptimizer", {"learning_rate": 0.1, "l1_regularization_strength": 0.001}),
+    ]:
+        for dt in (torch.float32, torch.float64):
+            ends = []
+            for paths in (_base.ARRAY_DTYPES, frozenset()):
+                _base.ARRAY_DTYPES = paths
+                torch.manual_seed(0)
+                w = torch.nn.Parameter(torch.randn(3001, dtype=dt))
+                opt = getattr(po, name)([w], **kwargs)
+                for i in range(3):
+                    w.grad = torch.randn(3001, dtype=dt) * 10.0 ** (i - 1)
+                    opt.step()
+                ends.append(w.detach().clone())
+            assert torch.equal(*ends), (name, dt)
     print("ok", torch.backends.cpu.get_cpu_capability())
     """
 )
@@ -90,9 +115,17 @@ PRIMITIVES = textwrap.dedent(
 
 @pytest.mark.parametrize("capability", [None, "default", "avx2"])
 def test_primitives_round_as_tf_at_every_simd_level(capability):
+    """torch's CPU kernels at three SIMD levels and NumPy's (all it dispatches, or its
+    baseline alone with torch's default level): the primitives round as TF, and the
+    optimizers give the same bits through NumPy and through torch."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     if capability is not None:
         env["ATEN_CPU_CAPABILITY"] = capability
+    if capability == "default":
+        umath = (getattr(np, "_core", None) or np.core)._multiarray_umath
+
+        found = [f for f in umath.__cpu_dispatch__ if umath.__cpu_features__.get(f)]
+        env["NPY_DISABLE_CPU_FEATURES"] = " ".join(found)
     out = subprocess.run(
         [sys.executable, "-c", PRIMITIVES], env=env, capture_output=True, text=True, timeout=120
     )
@@ -146,3 +179,151 @@ def test_cpu_pieces_cover_everything_once(monkeypatch):
     covered = torch.cat([t.reshape(-1) for a, _ in pieces for t in a])
     assert torch.equal(covered, torch.cat(ts))
     assert len(_batches.pieces([ts, twins], torch.device("meta"))) == 1
+
+
+# ---------------------------------------------------------------------- NumPy chunks
+
+OPTIMIZERS = {
+    "GradientDescentOptimizer": {"learning_rate": 0.1},
+    "MomentumOptimizer": {"learning_rate": 0.1, "momentum": 0.9, "use_nesterov": True},
+    "AdamOptimizer": {"learning_rate": 0.01},
+    "RMSPropOptimizer": {"learning_rate": 0.01, "momentum": 0.9, "centered": True},
+    "AdagradOptimizer": {"learning_rate": 0.1},
+    "AdadeltaOptimizer": {"learning_rate": 1.0},
+    "FtrlOptimizer": {"learning_rate": 0.1, "l1_regularization_strength": 0.001, "beta": 0.1},
+    "FtrlOptimizer-power": {"learning_rate": 0.1, "learning_rate_power": -0.6},
+    "FtrlOptimizer-select": {
+        "learning_rate": 0.1,
+        "initial_accumulator_value": 0.0,
+        "l1_regularization_strength": 0.01,
+        "l2_shrinkage_regularization_strength": 0.01,
+    },
+}
+
+
+def conv_net(layout):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 5)
+    )
+    if layout == "float64":
+        net.double()
+    if layout == "channels_last":  # non-contiguous weights, contiguous slots
+        net.to(memory_format=torch.channels_last)
+    if layout in ("flat", "flat, gradients apart"):
+        polyak.flatten_parameters_(net, grads=layout == "flat")
+    return net
+
+
+def run(net, name, steps=4):
+    kwargs = OPTIMIZERS[name]
+    opt = getattr(po, name.split("-")[0])(net.parameters(), **kwargs)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i))
+    dtype = next(net.parameters()).dtype
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(4, 3, 6, 6, generator=g, dtype=dtype)
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        opt.step()
+        schedule.step()
+    return [p.detach().clone() for p in net.parameters()], opt
+
+
+LAYOUTS = ["plain", "float64", "channels_last", "flat", "flat, gradients apart"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_numpy_chunks_give_the_bits_of_torch_foreach(name, layout, monkeypatch):
+    """The CPU's NumPy path against torch's foreach path, weights and slots, on layouts that
+    take each branch of the chunk plan: small chunks (the weights are cut), the biases stepped
+    together."""
+    monkeypatch.setattr(_arrays, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(_arrays, "STAGED_ELEMENTS", 100)
+    chunked, opt = run(conv_net(layout), name)
+    plans = [p for p in opt._plans.values() if isinstance(p, _arrays.ArrayPlan)]
+    if name != "GradientDescentOptimizer":  # one pass: torch's foreach
+        (plan,) = plans
+        assert any(len(u.chunks) > 1 for u in plan.units) or layout == "channels_last"
+        assert len(plan.staged) == (0 if layout.startswith("flat") else 1)
+    monkeypatch.setattr(_base, "ARRAY_DTYPES", frozenset())
+    reference, ref_opt = run(conv_net(layout), name)
+    assert all(torch.equal(a, b) for a, b in zip(chunked, reference))
+    for p, q in zip(opt.state.values(), ref_opt.state.values()):
+        assert all(torch.equal(p[k], q[k]) for k in p)
+
+
+def test_numpy_chunks_follow_moved_parameters_and_replaced_slots():
+    net, twin = conv_net("plain"), conv_net("plain")
+    opts = [po.AdamOptimizer(n.parameters(), 0.01) for n in (net, twin)]
+    x = torch.randn(4, 3, 6, 6)
+
+    def step(n, opt):
+        opt.zero_grad()
+        n(x).square().mean().backward()
+        opt.step()
+
+    for n, opt in zip((net, twin), opts):
+        step(n, opt)
+    moved = net[0].weight
+    moved.data = moved.data.clone()  # new memory: the chunks of the old one must not be written
+    old = next(iter(opts[0].state.values()))
+    old["m"] = old["m"].clone()  # a slot replaced by the user
+    for n, opt in zip((net, twin), opts):
+        step(n, opt)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin.parameters()))
+
+
+def test_a_parameter_with_overlapping_memory_is_left_to_torch():
+    p = torch.nn.Parameter(torch.zeros(1).expand(4))
+    assert not _arrays.writable(p) and _arrays.writable(torch.zeros(3, 4).t())
+    assert _arrays.writable(torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last))
+    opt = po.AdamOptimizer([p], 0.1)
+    p.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        opt.step()  # torch's in-place check, where NumPy would write one element four times
+
+
+@pytest.mark.parametrize("l1", [0.0, 0.05])
+@pytest.mark.parametrize("initial", [0.1, 0.0])
+def test_ftrl_gives_tfs_zeros_where_linear_is_within_l1(l1, initial):
+    """TF's ``select(|linear| > l1, x / y, 0)`` gives +0 where ``linear`` is 0; with l1 = 0
+    the update takes ``0 - linear`` for ``x`` and leaves out ``+ 2 * l2`` (0): the same bits,
+    zero signs included, as TF's formula (tests/tf1_numpy.py) on gradients that keep part of
+    ``linear`` at zero."""
+    torch.manual_seed(0)
+    start = torch.randn(64)
+    start[:8], start[8:16] = 0.0, -0.0
+    kwargs = {"learning_rate": 0.1, "initial_accumulator_value": initial}
+    kwargs["l1_regularization_strength"] = l1
+    w = torch.nn.Parameter(start.clone())
+    opt = po.FtrlOptimizer([w], **kwargs)
+    reference = Reference("FtrlOptimizer", kwargs, start.numpy().copy())
+    expected = start.numpy().copy()
+    for i in range(3):
+        grad = torch.randn(64, generator=torch.Generator().manual_seed(i))
+        grad[:24] = 0.0 if i else -0.0
+        w.grad = grad
+        opt.step()
+        with np.errstate(all="ignore"):
+            expected = reference.step(expected, grad.numpy(), 0.1)
+        got = w.detach().numpy()
+        assert np.array_equal(got, expected, equal_nan=True)
+        assert np.array_equal(np.signbit(got), np.signbit(expected))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_step_counts_as_an_in_place_write_for_autograd(flat):
+    """The NumPy path writes through views that torch does not see: the step still advances
+    the parameters' version counters, so a backward pass through values it overwrote fails
+    as with torch's optimizers instead of giving wrong gradients."""
+    net = conv_net("flat" if flat else "plain")
+    opt = po.AdamOptimizer(net.parameters(), 0.01)
+    loss = net(torch.randn(2, 3, 6, 6)).square().sum()
+    loss.backward(retain_graph=True)
+    versions = [p._version for p in net.parameters()]
+    opt.step()
+    assert all(p._version > v for p, v in zip(net.parameters(), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

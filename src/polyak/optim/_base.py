@@ -9,19 +9,35 @@ import numbers
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import torch
 
 from polyak.flat import pack
 from polyak.optim._arith import Arith
 from polyak.optim._batches import Layout, by_device_dtype, pieces
-from polyak.optim._exact import FRESH, Reused, Temporaries
+from polyak.optim._exact import FRESH, ForeachOps, Reused
 from polyak.optim._sparse import as_rows, slices, sum_duplicates
 
-__all__ = ["Flag", "Real", "TFOptimizer"]
+try:
+    from polyak.optim._arrays import ArrayOps, ArrayPlan, writable
+except ImportError:  # pragma: no cover - numpy comes with the test and RL extras
+    ArrayOps = ArrayPlan = writable = None  # type: ignore[assignment,misc]
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["Flag", "Operand", "Ops", "Real", "TFOptimizer"]
 
 Tensors = list[torch.Tensor]
+_data_ptr = torch.Tensor.data_ptr
+Ops: TypeAlias = "ForeachOps | ArrayOps"
+Operand: TypeAlias = "Tensors | np.ndarray"
+"""What an update rule computes on: parallel lists of tensors (:class:`ForeachOps`) or one
+array each (:class:`~polyak.optim._arrays.ArrayOps`)."""
+
+# CPU dtypes updated through NumPy (polyak.optim._arrays); the others through torch's foreach.
+ARRAY_DTYPES = frozenset({torch.float32, torch.float64} if ArrayPlan is not None else ())
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
 
 # Constructor argument names of the group keys that differ from them.
@@ -83,8 +99,10 @@ class TFOptimizer(torch.optim.Optimizer):
 
     Subclasses name their hyper-parameters and rules (:attr:`rules`; ``"lr"`` is TF's
     ``learning_rate``, so LR schedulers find it), their slots (:meth:`_slot_fills`: TF's slot
-    names and initial values) and their update (:meth:`_update`, foreach calls on lists of one
-    device and dtype; TF's op order, each op one rounding). This base:
+    names and initial values) and their update (:meth:`_update`, written once with an operation
+    set: :class:`~polyak.optim._exact.ForeachOps` on lists of tensors of one device and dtype,
+    or :class:`~polyak.optim._arrays.ArrayOps` on NumPy arrays; TF's op order, each op one
+    rounding). This base:
 
     - checks every hyper-parameter at construction, in :meth:`add_param_group`, and before each
       step (a scheduler may have set it), raising ``ValueError``/``TypeError`` that names it,
@@ -94,11 +112,18 @@ class TFOptimizer(torch.optim.Optimizer):
       get flat slots and each update runs one kernel per buffer;
     - steps each param group per (device, dtype) with scalars rounded as TF's kernels round them
       (:class:`~polyak.optim._arith.Arith`), computed on the host: no per-step host sync;
+      float32 and float64 tensors on the CPU through NumPy, chunk by chunk
+      (:mod:`polyak.optim._arrays`), the others with torch's foreach operations; what does not
+      change from step to step (groupings, chunks, scalars) is kept;
     - hands sparse COO gradients to :meth:`_update_sparse` (TF's ``_apply_sparse``);
     - refuses a state dict that is not of its own kind, naming what differs.
     """
 
     rules: ClassVar[dict[str, Rule]]
+    one_pass: ClassVar[bool] = False
+    """Whether :meth:`_update` is one exact fused operation (gradient descent): then nothing is
+    gained by keeping pieces of the tensors in cache through several passes, and one torch
+    foreach call over all of them is the cheapest on the CPU too."""
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         if isinstance(params, (torch.Tensor, str, bytes, Mapping)) or not isinstance(
@@ -110,8 +135,7 @@ class TFOptimizer(torch.optim.Optimizer):
                 f"model.named_parameters()), got {type(params).__name__}"
             )
         self._check_hyper(defaults, None, defaults)
-        self._layouts: dict[tuple[int, torch.device, torch.dtype], Layout] = {}
-        self._reused = Reused()  # the CPU pieces' temporaries
+        self._init_caches()
         self._checked: dict[int, list[Any]] = {}  # group -> the values last checked (identity)
         super().__init__(params, defaults)
 
@@ -129,12 +153,10 @@ class TFOptimizer(torch.optim.Optimizer):
         """The scalars of one step of ``group`` in ``arith``'s dtype, for :meth:`_update`."""
         raise NotImplementedError
 
-    def _update(
-        self, s: Any, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
-    ) -> None:
+    def _update(self, s: Any, ops: Ops, params: Operand, grads: Operand, *slots: Operand) -> None:
         """One dense step of ``params`` (all of one device and dtype) with ``grads``; ``slots``
-        as :meth:`_slot_fills` names them; intermediate results from ``tmp``. Must not modify
-        ``grads``."""
+        as :meth:`_slot_fills` names them; written with ``ops`` (intermediate results in its
+        temporaries). Must not modify ``grads``."""
         raise NotImplementedError
 
     def _update_sparse(
@@ -233,9 +255,9 @@ class TFOptimizer(torch.optim.Optimizer):
                 else:
                     self._check_sparse(p, gi)  # .grad accepts sparse COO only
                     sparse.append(p)
-            batches = by_device_dtype(dense)
+            batches = self._batches(gi, dense) if dense else []
             # A parameter whose data became complex after it was added (p.data = ...).
-            for _, dtype in batches:
+            for _, dtype, _ in batches:
                 self._check_dtype(dtype, f"a parameter of param group {gi}")
             if dense or sparse:
                 work.append((gi, group, dense, batches, sparse))
@@ -251,63 +273,123 @@ class TFOptimizer(torch.optim.Optimizer):
         optimizer's kind for these parameters (else ``ValueError``, nothing loaded)."""
         self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)  # type: ignore[arg-type]
-        self._layouts.clear()
+        self._init_caches()
         self._repack_slots()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._layouts = {}
-        self._reused = Reused()
+        self._init_caches()
         self._checked = {}
 
     # ------------------------------------------------------------------ internals
+
+    def _init_caches(self) -> None:
+        """What :meth:`step` keeps from step to step, rebuilt when what it describes changes."""
+        # (group, device, dtype) -> the foreach layout or the NumPy chunks of its tensors
+        self._plans: dict[tuple[int, torch.device, torch.dtype], Any] = {}
+        # group -> (data pointers of its dense parameters, their (device, dtype, indices))
+        self._groups: dict[int, tuple[list[int], list[tuple[Any, Any, list[int]]]]] = {}
+        self._reused = Reused()  # temporaries of CPU foreach pieces
+        # group -> (its values, dtype -> the scalars of a step computed from them)
+        self._scalar_cache: dict[int, tuple[list[Any], dict[torch.dtype, Any]]] = {}
+        self._array_ops: dict[torch.dtype, Any] = {}
+
+    def _batches(self, gi: int, dense: Tensors) -> list[tuple[Any, Any, list[int]]]:
+        """``dense``'s indices per (device, dtype), kept while the same memory is stepped."""
+        ptrs = list(map(_data_ptr, dense))
+        cached = self._groups.get(gi)
+        if cached is None or cached[0] != ptrs:
+            for key in [k for k in self._plans if k[0] == gi]:  # views of the old memory
+                del self._plans[key]
+            batches = [(d, t, idx) for (d, t), idx in by_device_dtype(dense).items()]
+            cached = self._groups[gi] = (ptrs, batches)
+        return cached[1]
 
     def _step_group(
         self,
         gi: int,
         group: dict[str, Any],
         dense: Tensors,
-        batches: dict[tuple[torch.device, torch.dtype], list[int]],
+        batches: list[tuple[Any, Any, list[int]]],
         sparse: Tensors,
     ) -> None:
         fills = self._slot_fills(group)
-        names = list(fills)
-        if names:
-            self._create_slots(dense + sparse, fills)
-        state = self.state
-        scalars: dict[torch.dtype, Any] = {}
+        slots = self._slots(dense + sparse, fills) if fills else []
+        values = list(group.values())
+        cached = self._scalar_cache.get(gi)
+        if (
+            cached is None
+            or len(cached[0]) != len(values)
+            or any(map(operator.is_not, values, cached[0]))
+        ):
+            # the same values (floats and bools, immutable): the same scalars
+            cached = self._scalar_cache[gi] = (values, {})
+        scalars: dict[torch.dtype, Any] = cached[1]
 
-        def scalars_for(dtype: torch.dtype) -> Any:
-            s = scalars.get(dtype)
+        def scalars_for(dtype: torch.dtype, arrays: bool = False) -> Any:
+            """The step's scalars in ``dtype``: floats, or :class:`ArrayOps` scalars."""
+            s = scalars.get((dtype, arrays))
             if s is None:
-                s = scalars[dtype] = self._scalars(group, Arith(dtype))
+                if arrays:
+                    s = self._ops_for(dtype).scalars(scalars_for(dtype))
+                else:
+                    s = self._scalars(group, Arith(dtype))
+                scalars[(dtype, arrays)] = s
             return s
 
-        for (device, dtype), idx in batches.items():
-            ps = [dense[i] for i in idx]
-            lists = [ps, [p.grad for p in ps]]
-            lists += [[state[p][n] for p in ps] for n in names]
-            layout = self._layouts.get((gi, device, dtype))
-            if layout is None:
-                layout = self._layouts[(gi, device, dtype)] = Layout()
-            s = scalars_for(dtype)
-            tmp = self._reused if device.type == "cpu" else FRESH
-            for piece in pieces(layout.merge(lists), device):
-                self._update(s, tmp, *piece)
-        for p in sparse:
-            self._update_sparse(scalars_for(p.dtype), p, p.grad, [state[p][n] for n in names])
+        count = len(dense)
+        for device, dtype, idx in batches:
+            if len(idx) == count:
+                ps, ss = dense, [sl[:count] for sl in slots]
+            else:
+                ps, ss = [dense[i] for i in idx], [[sl[i] for i in idx] for sl in slots]
+            grads = [p.grad for p in ps]
+            key = (gi, device, dtype)
+            cpu = device.type == "cpu"
+            plan = self._plans.get(key)
+            if cpu and dtype in ARRAY_DTYPES and not self.one_pass:
+                if not (isinstance(plan, ArrayPlan) and plan.matches(ps, ss)):
+                    plan = ArrayPlan(ps, ss) if all(map(writable, ps)) else Layout()
+                    self._plans[key] = plan
+                if isinstance(plan, ArrayPlan):
+                    plan.run(self._update, scalars_for(dtype, True), self._ops_for(dtype), grads)
+                    continue
+            if plan is None:
+                plan = self._plans[key] = Layout()
+            merged = plan.merge([ps, grads, *ss])
+            ops = self._reused if cpu else FRESH
+            for piece in [merged] if self.one_pass else pieces(merged, device):
+                self._update(scalars_for(dtype), ops, *piece)
+        for i, p in enumerate(sparse):
+            self._update_sparse(scalars_for(p.dtype), p, p.grad, [sl[count + i] for sl in slots])
 
-    def _create_slots(self, params: Tensors, fills: dict[str, float]) -> None:
+    def _ops_for(self, dtype: torch.dtype) -> Any:
+        """The :class:`ArrayOps` of ``dtype`` (its scalars' 0-d arrays are kept)."""
+        ops = self._array_ops.get(dtype)
+        if ops is None:
+            ops = self._array_ops[dtype] = ArrayOps(dtype)
+        return ops
+
+    def _slots(self, params: Tensors, fills: dict[str, float]) -> list[Tensors]:
+        """The slots of ``params``, a list per name of ``fills``; missing ones are created,
+        packed in parameter order into one buffer per (device, dtype), filled."""
         state = self.state
+        dicts = [state[p] for p in params]
+        out = []
         for name, value in fills.items():
-            need = [p for p in params if name not in state[p]]
-            if not need:
-                continue
-            for p, slot in zip(need, pack([(p.shape, p.dtype, p.device) for p in need])):
-                state[p][name] = slot.fill_(value)
+            slots = [d.get(name) for d in dicts]
+            missing = [i for i, t in enumerate(slots) if t is None]
+            if missing:
+                fresh = pack(
+                    [(params[i].shape, params[i].dtype, params[i].device) for i in missing]
+                )
+                for i, slot in zip(missing, fresh):
+                    slots[i] = dicts[i][name] = slot.fill_(value)
+            out.append(slots)
+        return out
 
     def _repack_slots(self) -> None:
-        """Give loaded slots storage of their own, packed per group as :meth:`_create_slots`
+        """Give loaded slots storage of their own, packed per group as :meth:`_slots`
         packs them (torch's load aliases the state dict's tensors and keeps their layout)."""
         state = self.state
         for group in self.param_groups:

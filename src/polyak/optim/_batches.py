@@ -8,11 +8,13 @@ lists (parameters, gradients, each slot). Two things make those calls few and fa
   one view each (:func:`polyak.flat.runs`). The layout is remembered while the data pointers
   stay the same, keeping the merged views alive so that those addresses cannot be taken by
   other storage meanwhile.
-- On the CPU the lists are cut into pieces of about :data:`CPU_PIECE_BYTES` per tensor, and the
-  whole update runs piece by piece: TF's update rules are ten-odd elementwise passes, which
-  stream from memory when each pass covers a whole model, and stay in cache over a piece
-  (measured on the mlp48 benchmark: 22 ms per Adam step over whole lists, 7 ms over 1 MiB
-  pieces). On accelerators one batch holds everything, each call one or a few launches.
+- On the CPU (float16 and bfloat16 tensors, or any without NumPy; float32 and float64 go
+  through :mod:`polyak.optim._arrays`) the lists are cut into pieces of about
+  :data:`CPU_PIECE_BYTES` per tensor, and the whole update runs piece by piece: TF's update
+  rules are ten-odd elementwise passes, which stream from memory when each pass covers a whole
+  model, and stay in cache over a piece (measured on the mlp48 benchmark: 22 ms per Adam step
+  over whole lists, 7 ms over 1 MiB pieces). On accelerators one batch holds everything, each
+  call one or a few launches.
 
 Elementwise updates give the same bits however the tensors are merged or cut.
 """

@@ -1,9 +1,11 @@
-"""TF's elementwise roundings with torch operations, and the temporaries they need.
+"""TF's elementwise roundings with torch operations: :class:`ForeachOps`, the operation set
+the update rules are written in, on foreach lists (accelerators; on the CPU float16, bfloat16
+and, without NumPy, all dtypes: float32 and float64 go through :mod:`polyak.optim._arrays`).
 
-The update rules are written with the primitives below. Each computes exactly what TF's
-kernels compute (every product and quotient rounded before it is added: no fused multiply-add
-where TF has none) on every device and SIMD level, which tests/test_optim_kernels.py checks bit
-for bit at the default, AVX2 and native levels:
+Its operations use the primitives below. Each computes exactly what TF's kernels compute
+(every product and quotient rounded before it is added: no fused multiply-add where TF has
+none) on every device and SIMD level, which tests/test_optim_kernels.py checks bit for bit at
+the default, AVX2 and native levels:
 
 - plain single operations (``_foreach_mul_``, ``_foreach_add_`` with ``alpha`` 1, ...);
 - :func:`add_scaled_`, ``x += round(c * y)``: on the CPU one ``addcmul(x, y, 1, value=c)``
@@ -17,10 +19,11 @@ for bit at the default, AVX2 and native levels:
 Half and bfloat16 always take separate operations: torch computes the fused ones in float32 and
 rounds once, where TF rounds each operation to the variable's dtype.
 
-:class:`Temporaries` gives the intermediate tensors of an update. On the CPU they are views of
-buffers kept from step to step: allocating and freeing a few megabytes per piece made glibc
-return its pages and fault them back in, 5,600 page faults per Adam step on the flattened mlp48
-model (3.3 times the step's time). Elsewhere they come from torch's caching allocator.
+:class:`ForeachOps` makes an update's intermediate tensors. On the CPU (:class:`Reused`) they
+are views of buffers kept from step to step: allocating and freeing a few megabytes per piece
+made glibc return its pages and fault them back in, 5,600 page faults per Adam step on the
+flattened mlp48 model (3.3 times the step's time). Elsewhere they come from torch's caching
+allocator.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ try:
 except ImportError:  # pragma: no cover - numpy comes with the test and RL extras
     _np = None
 
-__all__ = ["Temporaries", "add_scaled_", "add_scaled_quotient_", "sqrt"]
+__all__ = ["FRESH", "ForeachOps", "Reused", "add_scaled_", "add_scaled_quotient_", "sqrt"]
 
 Tensors = list[torch.Tensor]
 
@@ -101,14 +104,20 @@ def sqrt(tensors: Tensors, *, out: Tensors | None = None) -> Tensors:
     return out
 
 
-class Temporaries:
-    """Intermediate results of one update, each named by a small int ``k``: a result made with
-    ``k`` is overwritten by the next one made with the same ``k`` (so an update reuses ``k``
-    once a temporary is dead). Fresh tensors from the allocator; see :class:`Reused`."""
+class ForeachOps:
+    """The operation set TF's update rules are written in (see :class:`polyak.optim._arrays.
+    ArrayOps` for the same on NumPy arrays), on parallel lists of tensors of one device and
+    dtype, with torch's foreach operations and the exact primitives above.
+
+    Results made with ``k`` are temporaries: one is overwritten by the next result made with
+    the same ``k`` (so a rule reuses ``k`` once a temporary is dead). Here they are fresh
+    tensors from the allocator; see :class:`Reused`. Scalars are Python floats already
+    rounded to the dtype (``Arith``)."""
 
     def _out(self, k: int, like: Tensors) -> Tensors | None:
         return None
 
+    # results in temporaries
     def mul(self, k: int, a: Tensors, b: Tensors | float) -> Tensors:
         """``a * b``."""
         out = self._out(k, a)
@@ -126,6 +135,17 @@ class Temporaries:
             return torch._foreach_sub(a, b)
         for x, y, o in zip(a, b, out):
             torch.sub(x, y, out=o)
+        return out
+
+    def rsub(self, k: int, c: float, a: Tensors) -> Tensors:
+        """``c - a``, as ``(-a) + c`` (IEEE subtraction is the sum with the negation)."""
+        out = self._out(k, a)
+        if out is None:
+            out = torch._foreach_neg(a)
+        else:
+            for x, o in zip(a, out):
+                torch.neg(x, out=o)
+        torch._foreach_add_(out, c)
         return out
 
     def add(self, k: int, a: Tensors, c: float) -> Tensors:
@@ -149,6 +169,13 @@ class Temporaries:
         """``sqrt(a)``, correctly rounded (:func:`sqrt`)."""
         return sqrt(a, out=self._out(k, a))
 
+    def clamp(self, k: int, a: Tensors, low: float, high: float) -> Tensors:
+        """``max(min(a, high), low)`` (NaN stays NaN)."""
+        out = self.copy(k, a)
+        torch._foreach_clamp_max_(out, high)
+        torch._foreach_clamp_min_(out, low)
+        return out
+
     def pow(self, k: int, a: Tensors, exponent: float) -> Tensors:
         """``a ** exponent`` (torch's ``pow``: not always correctly rounded, nor is TF's)."""
         out = self._out(k, a)
@@ -158,11 +185,63 @@ class Temporaries:
             torch.pow(x, exponent, out=o)
         return out
 
+    # in place
+    def mul_(self, x: Tensors, y: Tensors | float) -> None:
+        """``x *= y``."""
+        torch._foreach_mul_(x, y)
 
-FRESH = Temporaries()
+    def add_(self, x: Tensors, y: Tensors | float) -> None:
+        """``x += y``."""
+        torch._foreach_add_(x, y)
+
+    def sub_(self, x: Tensors, y: Tensors | float) -> None:
+        """``x -= y``."""
+        torch._foreach_sub_(x, y)
+
+    def div_(self, x: Tensors, y: Tensors | float) -> None:
+        """``x /= y``."""
+        torch._foreach_div_(x, y)
+
+    def sqrt_(self, x: Tensors) -> None:
+        """``x = sqrt(x)``, correctly rounded (:func:`sqrt`)."""
+        sqrt(x, out=x)
+
+    def reciprocal_(self, x: Tensors) -> None:
+        """``x = 1 / x``."""
+        torch._foreach_reciprocal_(x)
+
+    def copy_(self, x: Tensors, y: Tensors) -> None:
+        """``x = y``."""
+        torch._foreach_copy_(x, y)
+
+    def assign_quotient_(self, x: Tensors, a: Tensors, b: Tensors) -> None:
+        """``x = a / b``, where ``a`` is a temporary (it may be overwritten)."""
+        torch._foreach_div_(a, b)
+        torch._foreach_copy_(x, a)
+
+    def keep_where_abs_above_(self, x: Tensors, y: Tensors, bound: float) -> None:
+        """``x = x if |y| > bound else 0`` (0 where ``y`` is NaN)."""
+        for a, b in zip(x, y):
+            a.masked_fill_((b.abs() > bound).logical_not_(), 0.0)
+
+    def add_scaled_(self, x: Tensors, y: Tensors, c: float) -> None:
+        """``x += round(y * c)`` (:func:`add_scaled_`)."""
+        add_scaled_(x, y, c)
+
+    def scale_add_(self, x: Tensors, c: float, y: Tensors) -> None:
+        """``x = round(x * c) + y``."""
+        torch._foreach_mul_(x, c)
+        torch._foreach_add_(x, y)
+
+    def add_scaled_quotient_(self, x: Tensors, y: Tensors, z: Tensors, c: float) -> None:
+        """``x += round(round(y * c) / z)`` (:func:`add_scaled_quotient_`)."""
+        add_scaled_quotient_(x, y, z, c)
 
 
-class Reused(Temporaries):
+FRESH = ForeachOps()
+
+
+class Reused(ForeachOps):
     """Temporaries in buffers kept across pieces and steps (the CPU's), one per ``k`` and
     dtype, grown to the largest piece seen; the views for a piece's shapes are remembered."""
 

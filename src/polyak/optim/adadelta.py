@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, NamedTuple
 
-import torch
-
 from polyak.optim._arith import Arith
-from polyak.optim._base import FRACTION, NONNEGATIVE, Params, Rule, Tensors, TFOptimizer
-from polyak.optim._exact import Temporaries, add_scaled_, sqrt
+from polyak.optim._base import (
+    FRACTION,
+    NONNEGATIVE,
+    Operand,
+    Ops,
+    Params,
+    Rule,
+    TFOptimizer,
+)
 
 __all__ = ["AdadeltaOptimizer"]
 
@@ -60,19 +65,19 @@ class AdadeltaOptimizer(TFOptimizer):
         )
 
     def _update(
-        self, s: _Scalars, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+        self, s: _Scalars, ops: Ops, params: Operand, grads: Operand, *slots: Operand
     ) -> None:
         accum, accum_update = slots
-        torch._foreach_mul_(accum, s.rho)
-        add_scaled_(accum, tmp.mul(0, grads, grads), s.one_minus_rho)
-        update = tmp.add(0, accum_update, s.epsilon)
-        sqrt(update, out=update)
-        inverse_root = tmp.add(1, accum, s.epsilon)  # rsqrt as 1 / sqrt, both rounded
-        sqrt(inverse_root, out=inverse_root)
-        torch._foreach_reciprocal_(inverse_root)
-        torch._foreach_mul_(update, inverse_root)
-        torch._foreach_mul_(update, grads)
-        add_scaled_(params, update, -s.lr)
-        torch._foreach_mul_(accum_update, s.rho)
-        torch._foreach_mul_(update, update)
-        add_scaled_(accum_update, update, s.one_minus_rho)
+        ops.mul_(accum, s.rho)
+        ops.add_scaled_(accum, ops.mul(0, grads, grads), s.one_minus_rho)
+        update = ops.add(0, accum_update, s.epsilon)
+        ops.sqrt_(update)
+        inverse_root = ops.add(1, accum, s.epsilon)  # rsqrt as 1 / sqrt, both rounded
+        ops.sqrt_(inverse_root)
+        ops.reciprocal_(inverse_root)
+        ops.mul_(update, inverse_root)
+        ops.mul_(update, grads)
+        ops.add_scaled_(params, update, -s.lr)
+        ops.mul_(accum_update, s.rho)
+        ops.mul_(update, update)
+        ops.add_scaled_(accum_update, update, s.one_minus_rho)

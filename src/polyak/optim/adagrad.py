@@ -7,8 +7,17 @@ from typing import Any, ClassVar
 import torch
 
 from polyak.optim._arith import Arith
-from polyak.optim._base import NONNEGATIVE, POSITIVE, Params, Rule, Tensors, TFOptimizer
-from polyak.optim._exact import Temporaries, add_scaled_quotient_, sqrt
+from polyak.optim._base import (
+    NONNEGATIVE,
+    POSITIVE,
+    Operand,
+    Ops,
+    Params,
+    Rule,
+    Tensors,
+    TFOptimizer,
+)
+from polyak.optim._exact import add_scaled_quotient_, sqrt
 
 __all__ = ["AdagradOptimizer"]
 
@@ -50,15 +59,15 @@ class AdagradOptimizer(TFOptimizer):
         return arith.hyper(group["lr"])
 
     def _update(
-        self, lr: float, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+        self, lr: float, ops: Ops, params: Operand, grads: Operand, *slots: Operand
     ) -> None:
         (accum,) = slots
-        torch._foreach_add_(accum, tmp.mul(0, grads, grads))
-        inverse_root = tmp.sqrt(0, accum)  # rsqrt as 1 / sqrt, both rounded
-        torch._foreach_reciprocal_(inverse_root)
-        step = tmp.mul(1, grads, lr)
-        torch._foreach_mul_(step, inverse_root)
-        torch._foreach_sub_(params, step)
+        ops.add_(accum, ops.mul(0, grads, grads))
+        inverse_root = ops.sqrt(0, accum)  # rsqrt as 1 / sqrt, both rounded
+        ops.reciprocal_(inverse_root)
+        step = ops.mul(1, grads, lr)
+        ops.mul_(step, inverse_root)
+        ops.sub_(params, step)
 
     def _update_rows(
         self,

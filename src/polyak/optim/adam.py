@@ -7,8 +7,17 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 
 from polyak.optim._arith import Arith, to_float32
-from polyak.optim._base import FRACTION_BELOW_ONE, NONNEGATIVE, Params, Rule, Tensors, TFOptimizer
-from polyak.optim._exact import Temporaries, add_scaled_, add_scaled_quotient_, sqrt
+from polyak.optim._base import (
+    FRACTION_BELOW_ONE,
+    NONNEGATIVE,
+    Operand,
+    Ops,
+    Params,
+    Rule,
+    Tensors,
+    TFOptimizer,
+)
+from polyak.optim._exact import add_scaled_quotient_, sqrt
 from polyak.optim._sparse import as_rows, slices, sum_duplicates
 
 __all__ = ["AdamOptimizer"]
@@ -98,16 +107,16 @@ class AdamOptimizer(TFOptimizer):
         )
 
     def _update(
-        self, s: _Scalars, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+        self, s: _Scalars, ops: Ops, params: Operand, grads: Operand, *slots: Operand
     ) -> None:
         m, v = slots
-        add_scaled_(m, tmp.sub(0, grads, m), s.one_minus_beta1)
-        delta = tmp.mul(0, grads, grads)
-        torch._foreach_sub_(delta, v)
-        add_scaled_(v, delta, s.one_minus_beta2)
-        denominator = tmp.sqrt(0, v)
-        torch._foreach_add_(denominator, s.epsilon)
-        add_scaled_quotient_(params, m, denominator, -s.alpha)
+        ops.add_scaled_(m, ops.sub(0, grads, m), s.one_minus_beta1)
+        delta = ops.mul(0, grads, grads)
+        ops.sub_(delta, v)
+        ops.add_scaled_(v, delta, s.one_minus_beta2)
+        denominator = ops.sqrt(0, v)
+        ops.add_(denominator, s.epsilon)
+        ops.add_scaled_quotient_(params, m, denominator, -s.alpha)
 
     def _update_sparse(
         self, s: _Scalars, param: torch.Tensor, grad: torch.Tensor, slots: Tensors

@@ -7,8 +7,18 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 
 from polyak.optim._arith import Arith
-from polyak.optim._base import NONNEGATIVE, POSITIVE, Params, Real, Rule, Tensors, TFOptimizer
-from polyak.optim._exact import FRESH, Temporaries
+from polyak.optim._base import (
+    NONNEGATIVE,
+    POSITIVE,
+    Operand,
+    Ops,
+    Params,
+    Real,
+    Rule,
+    Tensors,
+    TFOptimizer,
+)
+from polyak.optim._exact import FRESH
 
 __all__ = ["FtrlOptimizer"]
 
@@ -24,6 +34,9 @@ class _Scalars(NamedTuple):
     two_l2_shrinkage: float
     shrinkage: bool
     select: bool  # dense kernel's select(|linear| > l1, x / y, 0), where x / y can be 0 / 0
+    no_l1: bool  # l1 == 0: x = 0 - linear
+    no_l2: bool  # 2 * l2 == 0: y = new_accum**p / lr
+    zero: float = 0.0
 
 
 class FtrlOptimizer(TFOptimizer):
@@ -110,43 +123,50 @@ class FtrlOptimizer(TFOptimizer):
             two_l2_shrinkage=a.mul(2.0, a.hyper(shrinkage)),
             shrinkage=shrinkage > 0.0,  # TF's ApplyFtrlV2 only then
             select=float(group["initial_accumulator_value"]) == 0.0 and l2 == 0.0,
+            no_l1=float(group["l1_regularization_strength"]) == 0.0,
+            no_l2=l2 == 0.0,
         )
 
-    def _power(self, s: _Scalars, tmp: Temporaries, k: int, tensors: Tensors) -> Tensors:
+    def _power(self, s: _Scalars, ops: Ops, k: int, tensors: Any) -> Any:
         """``tensors ** p`` into temporary ``k``: TF's sqrt branch for -0.5, else pow."""
         if s.square_root:
-            return tmp.sqrt(k, tensors)
-        return tmp.pow(k, tensors, s.power)
+            return ops.sqrt(k, tensors)
+        return ops.pow(k, tensors, s.power)
 
     def _update(
-        self, s: _Scalars, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+        self, s: _Scalars, ops: Ops, params: Operand, grads: Operand, *slots: Operand
     ) -> None:
         accum, linear = slots
         if s.shrinkage:  # g_s = grad + 2 * l2_shrinkage * var
-            shrunk = tmp.mul(0, params, s.two_l2_shrinkage)
-            torch._foreach_add_(shrunk, grads)
+            shrunk = ops.mul(0, params, s.two_l2_shrinkage)
+            ops.add_(shrunk, grads)
         else:
             shrunk = grads
         # sigma = (new_accum**p - accum**p) / lr * var, negated (exact) to stay in place.
-        minus_sigma = self._power(s, tmp, 1, accum)
-        torch._foreach_add_(accum, tmp.mul(2, grads, grads))
-        root = self._power(s, tmp, 2, accum)
-        torch._foreach_sub_(minus_sigma, root)
-        torch._foreach_div_(minus_sigma, s.lr)
-        torch._foreach_mul_(minus_sigma, params)
-        torch._foreach_add_(minus_sigma, shrunk)
-        torch._foreach_add_(linear, minus_sigma)
-        torch._foreach_div_(root, s.lr)  # y = new_accum**p / lr + 2 * l2
-        torch._foreach_add_(root, s.two_l2)
-        # x = l1 * sign(linear) - linear where |linear| > l1, else (linear - linear) = 0.
-        x = tmp.copy(0, linear)
-        torch._foreach_clamp_max_(x, s.l1)
-        torch._foreach_clamp_min_(x, -s.l1)
-        torch._foreach_sub_(x, linear)
-        torch._foreach_div_(x, root)
+        minus_sigma = self._power(s, ops, 1, accum)
+        ops.add_(accum, ops.mul(2, grads, grads))
+        root = self._power(s, ops, 2, accum)
+        ops.sub_(minus_sigma, root)
+        ops.div_(minus_sigma, s.lr)
+        ops.mul_(minus_sigma, params)
+        ops.add_(minus_sigma, shrunk)
+        ops.add_(linear, minus_sigma)
+        ops.div_(root, s.lr)  # y = new_accum**p / lr + 2 * l2
+        if not s.no_l2:  # adding 0 changes no y: y >= +0 (a root of new_accum >= +0) or NaN
+            ops.add_(root, s.two_l2)
+        if s.no_l1:
+            # l1 * sign(linear) - linear is 0 - linear for linear != 0, and where linear is
+            # +0 or -0 TF's select gives +0, as 0 - linear does
+            x = ops.rsub(0, s.zero, linear)
+        else:  # l1 * sign(linear) - linear where |linear| > l1, else (linear - linear) = 0
+            x = ops.clamp(0, linear, -s.l1, s.l1)
+            ops.sub_(x, linear)
         if s.select:  # y can be 0 only with a zero initial accumulator and l2 = 0
-            x = [torch.where(lin.abs() > s.l1, q, 0.0) for lin, q in zip(linear, x)]
-        torch._foreach_copy_(params, x)
+            ops.div_(x, root)
+            ops.keep_where_abs_above_(x, linear, s.l1)
+            ops.copy_(params, x)
+        else:
+            ops.assign_quotient_(params, x, root)
 
     def _update_rows(
         self,

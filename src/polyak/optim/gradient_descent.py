@@ -7,8 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from polyak.optim._arith import Arith
-from polyak.optim._base import NONNEGATIVE, Params, Rule, Tensors, TFOptimizer
-from polyak.optim._exact import Temporaries, add_scaled_
+from polyak.optim._base import NONNEGATIVE, Operand, Ops, Params, Rule, Tensors, TFOptimizer
 from polyak.optim._sparse import as_rows, slices
 
 __all__ = ["GradientDescentOptimizer"]
@@ -27,6 +26,7 @@ class GradientDescentOptimizer(TFOptimizer):
     """
 
     rules: ClassVar[dict[str, Rule]] = {"lr": NONNEGATIVE}
+    one_pass = True
 
     def __init__(self, params: Params, learning_rate: float) -> None:
         super().__init__(params, {"lr": learning_rate})
@@ -35,9 +35,9 @@ class GradientDescentOptimizer(TFOptimizer):
         return arith.hyper(group["lr"])
 
     def _update(
-        self, lr: float, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+        self, lr: float, ops: Ops, params: Operand, grads: Operand, *slots: Operand
     ) -> None:
-        add_scaled_(params, grads, -lr)
+        ops.add_scaled_(params, grads, -lr)
 
     def _update_sparse(
         self, lr: float, param: torch.Tensor, grad: torch.Tensor, slots: Tensors

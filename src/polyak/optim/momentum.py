@@ -11,12 +11,13 @@ from polyak.optim._base import (
     FRACTION_BELOW_ONE,
     NONNEGATIVE,
     Flag,
+    Operand,
+    Ops,
     Params,
     Rule,
     Tensors,
     TFOptimizer,
 )
-from polyak.optim._exact import Temporaries, add_scaled_
 
 __all__ = ["MomentumOptimizer"]
 
@@ -68,17 +69,16 @@ class MomentumOptimizer(TFOptimizer):
         return _Scalars(lr, momentum, arith.mul(lr, momentum), group["use_nesterov"])
 
     def _update(
-        self, s: _Scalars, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+        self, s: _Scalars, ops: Ops, params: Operand, grads: Operand, *slots: Operand
     ) -> None:
         (accum,) = slots
-        torch._foreach_mul_(accum, s.momentum)
-        torch._foreach_add_(accum, grads)
+        ops.scale_add_(accum, s.momentum, grads)
         if not s.nesterov:
-            add_scaled_(params, accum, -s.lr)
+            ops.add_scaled_(params, accum, -s.lr)
             return
-        step = tmp.mul(0, grads, s.lr)
-        add_scaled_(step, tmp.mul(1, accum, s.momentum), s.lr)
-        torch._foreach_sub_(params, step)
+        step = ops.mul(0, grads, s.lr)
+        ops.add_scaled_(step, ops.mul(1, accum, s.momentum), s.lr)
+        ops.sub_(params, step)
 
     def _update_rows(
         self,

@@ -12,12 +12,14 @@ from polyak.optim._base import (
     FRACTION_BELOW_ONE,
     NONNEGATIVE,
     Flag,
+    Operand,
+    Ops,
     Params,
     Rule,
     Tensors,
     TFOptimizer,
 )
-from polyak.optim._exact import Temporaries, add_scaled_, add_scaled_quotient_, sqrt
+from polyak.optim._exact import sqrt
 
 __all__ = ["RMSPropOptimizer"]
 
@@ -107,23 +109,23 @@ class RMSPropOptimizer(TFOptimizer):
         )
 
     def _update(
-        self, s: _Scalars, tmp: Temporaries, params: Tensors, grads: Tensors, *slots: Tensors
+        self, s: _Scalars, ops: Ops, params: Operand, grads: Operand, *slots: Operand
     ) -> None:
         rms, mom = slots[0], slots[1]
-        delta = tmp.mul(0, grads, grads)
-        torch._foreach_sub_(delta, rms)
-        add_scaled_(rms, delta, s.one_minus_decay)
+        delta = ops.mul(0, grads, grads)
+        ops.sub_(delta, rms)
+        ops.add_scaled_(rms, delta, s.one_minus_decay)
         if s.centered:
             mg = slots[2]
-            add_scaled_(mg, tmp.sub(0, grads, mg), s.one_minus_decay)
-            denominator = tmp.sub(1, rms, tmp.mul(0, mg, mg))
-            torch._foreach_add_(denominator, s.epsilon)
+            ops.add_scaled_(mg, ops.sub(0, grads, mg), s.one_minus_decay)
+            denominator = ops.sub(1, rms, ops.mul(0, mg, mg))
+            ops.add_(denominator, s.epsilon)
         else:
-            denominator = tmp.add(1, rms, s.epsilon)
-        sqrt(denominator, out=denominator)
-        torch._foreach_mul_(mom, s.momentum)
-        add_scaled_quotient_(mom, grads, denominator, s.lr)
-        torch._foreach_sub_(params, mom)
+            denominator = ops.add(1, rms, s.epsilon)
+        ops.sqrt_(denominator)
+        ops.mul_(mom, s.momentum)
+        ops.add_scaled_quotient_(mom, grads, denominator, s.lr)
+        ops.sub_(params, mom)
 
     def _update_rows(
         self,
