@@ -64,21 +64,42 @@ def test_foreach_fallback_is_bit_identical(name, dtype, device):
     op, fallback = fast_or_skip(name), torch_compat.FALLBACKS[name]
     weights = [torch.tensor(w, device=device, dtype=dtype) for w in (0.1, 0.5, 0.9, 0.25)]
     calls = {
-        "foreach_add_": [lambda o: ((o,), {}), lambda o: ((o,), {"alpha": 0.37})],
+        "foreach_add": [lambda o: ((0.5,), {})],
+        "foreach_add_": [
+            lambda o: ((o,), {}),
+            lambda o: ((o,), {"alpha": 0.37}),
+            lambda o: ((0.5,), {}),
+        ],
+        "foreach_addcdiv_": [
+            lambda o: ((o, [t.abs() + 0.5 for t in o]), {}),
+            lambda o: ((o, [t.abs() + 0.5 for t in o]), {"value": 0.3}),
+        ],
+        "foreach_addcmul_": [lambda o: ((o, o), {"value": 0.3})],
         "foreach_clamp_max_": [lambda o: ((0.5,), {}), lambda o: ((o,), {})],
         "foreach_clamp_min_": [lambda o: ((-0.5,), {}), lambda o: ((o,), {})],
         "foreach_copy_": [lambda o: ((o,), {})],
         "foreach_div_": [lambda o: ((3.0,), {}), lambda o: ((o,), {})],
         "foreach_lerp_": [lambda o: ((o, 0.3), {}), lambda o: ((o, weights), {})],
-        "foreach_mul": [lambda o: ((0.7,), {}), lambda o: ((weights[1],), {})],
-        "foreach_mul_": [lambda o: ((0.7,), {}), lambda o: ((weights,), {})],
+        "foreach_mul": [
+            lambda o: ((0.7,), {}),
+            lambda o: ((weights[1],), {}),
+            lambda o: ((o,), {}),
+        ],
+        "foreach_mul_": [lambda o: ((0.7,), {}), lambda o: ((weights,), {}), lambda o: ((o,), {})],
+        "foreach_neg": [lambda o: ((), {})],
         "foreach_norm": [lambda o: ((), {}), lambda o: ((), {"ord": float("inf")})],
+        "foreach_pow": [lambda o: ((-0.7,), {}), lambda o: ((2.0,), {})],
+        "foreach_reciprocal_": [lambda o: ((), {})],
+        "foreach_sqrt": [lambda o: ((), {})],
+        "foreach_sqrt_": [lambda o: ((), {})],
         "foreach_sub": [lambda o: ((o,), {})],
         "foreach_sub_": [lambda o: ((o,), {})],
         "foreach_zero_": [lambda o: ((), {})],
     }[name]
     for k, make in enumerate(calls):
         (a, other), (b, _) = _lists(device, dtype, k), _lists(device, dtype, k)
+        if name.startswith(("foreach_sqrt", "foreach_pow")):  # real results: positive bases
+            a, b = [t.abs() for t in a], [t.abs() for t in b]
         args, kwargs = make(other)
         got, want = op(a, *args, **kwargs), fallback(b, *args, **kwargs)
         if name.endswith("_"):  # in place
@@ -269,3 +290,44 @@ def test_environment_variable_with_an_unknown_name_says_which_names_exist():
     bad = _run_python("import polyak", "foreach_nrom")
     assert bad.returncode != 0
     assert "foreach_nrom" in bad.stderr and "foreach_norm" in bad.stderr
+
+
+TF1_OPTIMIZERS = {
+    "GradientDescentOptimizer": {"learning_rate": 0.1},
+    "MomentumOptimizer": {"learning_rate": 0.1, "momentum": 0.9, "use_nesterov": True},
+    "AdamOptimizer": {"learning_rate": 0.01},
+    "RMSPropOptimizer": {"learning_rate": 0.01, "momentum": 0.5, "centered": True},
+    "AdagradOptimizer": {"learning_rate": 0.1},
+    "AdadeltaOptimizer": {"learning_rate": 1.0},
+    "FtrlOptimizer": {
+        "learning_rate": 0.1,
+        "learning_rate_power": -0.7,
+        "l1_regularization_strength": 0.01,
+        "l2_regularization_strength": 0.01,
+    },
+}
+
+
+def _tf1_run(name: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)).to(dtype)
+    opt = getattr(polyak.optim, name)(model.parameters(), **TF1_OPTIMIZERS[name])
+    for i in range(4):
+        x = torch.randn(9, 5, generator=torch.Generator().manual_seed(i)).to(dtype)
+        model.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return [p.detach().clone() for p in model.parameters()] + state
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(TF1_OPTIMIZERS))
+def test_tf1_optimizer_on_fallback_kernels_is_bit_identical(name, dtype, monkeypatch):
+    """polyak.optim's multi-tensor path (CUDA's, and the CPU's for half precision and gradient
+    descent) gives the same bits on the per-tensor fallbacks."""
+    force(monkeypatch, FOREACH, fallback=False)
+    fast = _tf1_run(name, dtype)
+    force(monkeypatch, FOREACH, fallback=True)
+    _same(_tf1_run(name, dtype), fast)

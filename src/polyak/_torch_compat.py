@@ -34,7 +34,10 @@ from torch import nn
 __all__ = [
     "FALLBACKS",
     "fast",
+    "foreach_add",
     "foreach_add_",
+    "foreach_addcdiv_",
+    "foreach_addcmul_",
     "foreach_clamp_max_",
     "foreach_clamp_min_",
     "foreach_copy_",
@@ -42,7 +45,12 @@ __all__ = [
     "foreach_lerp_",
     "foreach_mul",
     "foreach_mul_",
+    "foreach_neg",
     "foreach_norm",
+    "foreach_pow",
+    "foreach_reciprocal_",
+    "foreach_sqrt",
+    "foreach_sqrt_",
     "foreach_sub",
     "foreach_sub_",
     "foreach_zero_",
@@ -90,7 +98,10 @@ def _norm_per_tensor(tensors: Sequence[torch.Tensor], ord: float = 2) -> list[to
 
 _FOREACH = {
     # name: (torch's op, fallback)
+    "foreach_add": ("_foreach_add", _per_tensor("add", returns=True)),
     "foreach_add_": ("_foreach_add_", _per_tensor("add_", returns=False)),
+    "foreach_addcdiv_": ("_foreach_addcdiv_", _per_tensor("addcdiv_", returns=False)),
+    "foreach_addcmul_": ("_foreach_addcmul_", _per_tensor("addcmul_", returns=False)),
     "foreach_clamp_max_": ("_foreach_clamp_max_", _per_tensor("clamp_max_", returns=False)),
     "foreach_clamp_min_": ("_foreach_clamp_min_", _per_tensor("clamp_min_", returns=False)),
     "foreach_copy_": ("_foreach_copy_", _per_tensor("copy_", returns=False)),
@@ -98,7 +109,12 @@ _FOREACH = {
     "foreach_lerp_": ("_foreach_lerp_", _per_tensor("lerp_", returns=False)),
     "foreach_mul": ("_foreach_mul", _per_tensor("mul", returns=True)),
     "foreach_mul_": ("_foreach_mul_", _mul_in_place_per_tensor),
+    "foreach_neg": ("_foreach_neg", _per_tensor("neg", returns=True)),
     "foreach_norm": ("_foreach_norm", _norm_per_tensor),
+    "foreach_pow": ("_foreach_pow", _per_tensor("pow", returns=True)),
+    "foreach_reciprocal_": ("_foreach_reciprocal_", _per_tensor("reciprocal_", returns=False)),
+    "foreach_sqrt": ("_foreach_sqrt", _per_tensor("sqrt", returns=True)),
+    "foreach_sqrt_": ("_foreach_sqrt_", _per_tensor("sqrt_", returns=False)),
     "foreach_sub": ("_foreach_sub", _per_tensor("sub", returns=True)),
     "foreach_sub_": ("_foreach_sub_", _per_tensor("sub_", returns=False)),
     "foreach_zero_": ("_foreach_zero_", _per_tensor("zero_", returns=False)),
@@ -114,17 +130,33 @@ def _foreach_cases(name: str) -> list[tuple[list[torch.Tensor], tuple, dict[str,
     def other() -> list[torch.Tensor]:
         return [torch.full((5,), 0.1), torch.full((3,), -2.0)]
 
+    def others() -> list[torch.Tensor]:
+        return [torch.linspace(0.5, 4.0, 5), torch.full((3,), 3.0)]
+
     weights = [torch.tensor(0.2), torch.tensor(0.9)]
     forms: dict[str, list[tuple[tuple, dict[str, Any]]]] = {
-        "foreach_add_": [((other(),), {}), ((other(),), {"alpha": 0.25})],
+        "foreach_add": [((0.5,), {})],
+        "foreach_add_": [((other(),), {}), ((other(),), {"alpha": 0.25}), ((0.5,), {})],
+        "foreach_addcdiv_": [((other(), others()), {}), ((other(), others()), {"value": 0.3})],
+        "foreach_addcmul_": [((other(), others()), {"value": 0.3})],
         "foreach_clamp_max_": [((0.5,), {}), ((other(),), {})],
         "foreach_clamp_min_": [((0.5,), {}), ((other(),), {})],
         "foreach_copy_": [((other(),), {})],
         "foreach_div_": [((3.0,), {}), ((other(),), {})],
         "foreach_lerp_": [((other(), 0.3), {}), ((other(), weights), {})],
-        "foreach_mul": [((0.7,), {}), ((torch.tensor(0.3),), {})],
-        "foreach_mul_": [((0.7,), {}), ((torch.tensor(0.3),), {}), ((weights,), {})],
+        "foreach_mul": [((0.7,), {}), ((torch.tensor(0.3),), {}), ((other(),), {})],
+        "foreach_mul_": [
+            ((0.7,), {}),
+            ((torch.tensor(0.3),), {}),
+            ((weights,), {}),
+            ((other(),), {}),
+        ],
+        "foreach_neg": [((), {})],
         "foreach_norm": [((), {}), ((), {"ord": float("inf")})],
+        "foreach_pow": [((-0.7,), {}), ((2.0,), {})],
+        "foreach_reciprocal_": [((), {})],
+        "foreach_sqrt": [((), {})],
+        "foreach_sqrt_": [((), {})],
         "foreach_sub": [((other(),), {})],
         "foreach_sub_": [((other(),), {})],
         "foreach_zero_": [((), {})],
@@ -139,9 +171,15 @@ def _probe_foreach(name: str, op: Callable[..., Any]) -> bool:
         got = op(mine, *args, **kwargs)
         want = fallback(theirs, *args, **kwargs)
         got, want = (mine, theirs) if want is None else (got, want)
-        if len(got) != len(want) or not all(torch.equal(a, b) for a, b in zip(got, want)):
+        if len(got) != len(want) or not all(map(_same_bits, got, want)):
             return False
     return True
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where the other has NaN (sqrt and pow of the probes' negatives)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
 
 
 # ---------------------------------------------------------------- module buffers
@@ -222,7 +260,10 @@ def uses_fast(name: str) -> bool:
     return globals()[name] is not FALLBACKS[name]
 
 
+foreach_add: Callable[..., list[torch.Tensor]]
 foreach_add_: Callable[..., None]
+foreach_addcdiv_: Callable[..., None]
+foreach_addcmul_: Callable[..., None]
 foreach_clamp_max_: Callable[..., None]
 foreach_clamp_min_: Callable[..., None]
 foreach_copy_: Callable[..., None]
@@ -230,7 +271,12 @@ foreach_div_: Callable[..., None]
 foreach_lerp_: Callable[..., None]
 foreach_mul: Callable[..., list[torch.Tensor]]
 foreach_mul_: Callable[..., None]
+foreach_neg: Callable[..., list[torch.Tensor]]
 foreach_norm: Callable[..., list[torch.Tensor]]
+foreach_pow: Callable[..., list[torch.Tensor]]
+foreach_reciprocal_: Callable[..., None]
+foreach_sqrt: Callable[..., list[torch.Tensor]]
+foreach_sqrt_: Callable[..., None]
 foreach_sub: Callable[..., list[torch.Tensor]]
 foreach_sub_: Callable[..., None]
 foreach_zero_: Callable[..., None]

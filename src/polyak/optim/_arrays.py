@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from polyak import _torch_compat as torch_compat
 from polyak.flat import runs, span
 
 __all__ = ["CHUNK_BYTES", "ArrayOps", "ArrayPlan", "writable"]
@@ -391,7 +392,7 @@ class ArrayPlan:
         finally:
             ops.twins = {}
             ops.chunk((), None)
-        torch._foreach_zero_(self._marks)
+        torch_compat.foreach_zero_(self._marks)
 
     def _run(
         self, update: Callable[..., None], s: Any, ops: ArrayOps, grads: list[torch.Tensor]

@@ -1,6 +1,6 @@
 """A param group's dense tensors as foreach batches.
 
-The update of one (device, dtype) is a sequence of ``torch._foreach_*`` calls over parallel
+The update of one (device, dtype) is a sequence of multi-tensor (``foreach``) calls over parallel
 lists (parameters, gradients, each slot). Two things make those calls few and fast:
 
 - Runs that lie back to back in memory in *every* list (after :func:`polyak.flatten_parameters_`,

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from polyak import _torch_compat as torch_compat
+
 try:
     import numpy as _np
 except ImportError:  # pragma: no cover - numpy comes with the test and RL extras
@@ -54,22 +56,22 @@ def add_scaled_(xs: Tensors, ys: Tensors, c: float) -> None:
         one = _ONES.get((x.device, x.dtype))
         if one is None:
             one = _ONES[(x.device, x.dtype)] = torch.ones((), dtype=x.dtype, device=x.device)
-        torch._foreach_addcmul_(xs, ys, [one] * len(xs), value=c)
+        torch_compat.foreach_addcmul_(xs, ys, [one] * len(xs), value=c)
     else:
-        torch._foreach_add_(xs, torch._foreach_mul(ys, c))
+        torch_compat.foreach_add_(xs, torch_compat.foreach_mul(ys, c))
 
 
 def add_scaled_quotient_(xs: Tensors, ys: Tensors, zs: Tensors, c: float) -> None:
     """``xs[i] += round(round(ys[i] * c) / zs[i])``."""
     if _fused(xs[0]):
-        torch._foreach_addcdiv_(xs, ys, zs, value=c)
+        torch_compat.foreach_addcdiv_(xs, ys, zs, value=c)
         return
-    q = torch._foreach_mul(ys, c)
+    q = torch_compat.foreach_mul(ys, c)
     if xs[0].dtype in _EXACT_FUSED:  # x + 1 * (q / z): the multiply-add by 1 is exact
-        torch._foreach_addcdiv_(xs, q, zs)
+        torch_compat.foreach_addcdiv_(xs, q, zs)
     else:
-        torch._foreach_div_(q, zs)
-        torch._foreach_add_(xs, q)
+        torch_compat.foreach_div_(q, zs)
+        torch_compat.foreach_add_(xs, q)
 
 
 def sqrt(tensors: Tensors, *, out: Tensors | None = None) -> Tensors:
@@ -85,12 +87,12 @@ def sqrt(tensors: Tensors, *, out: Tensors | None = None) -> Tensors:
     first = tensors[0]
     if _np is None or not first.is_cpu:
         if out is tensors:
-            torch._foreach_sqrt_(tensors)
+            torch_compat.foreach_sqrt_(tensors)
             return tensors
-        roots = torch._foreach_sqrt(tensors)
+        roots = torch_compat.foreach_sqrt(tensors)
         if out is None:
             return roots
-        torch._foreach_copy_(out, roots)
+        torch_compat.foreach_copy_(out, roots)
         return out
     if out is None:
         out = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
@@ -122,7 +124,7 @@ class ForeachOps:
         """``a * b``."""
         out = self._out(k, a)
         if out is None:
-            return torch._foreach_mul(a, b)
+            return torch_compat.foreach_mul(a, b)
         others = b if isinstance(b, list) else [b] * len(a)
         for x, y, o in zip(a, others, out):
             torch.mul(x, y, out=o)
@@ -132,7 +134,7 @@ class ForeachOps:
         """``a - b``."""
         out = self._out(k, a)
         if out is None:
-            return torch._foreach_sub(a, b)
+            return torch_compat.foreach_sub(a, b)
         for x, y, o in zip(a, b, out):
             torch.sub(x, y, out=o)
         return out
@@ -141,18 +143,18 @@ class ForeachOps:
         """``c - a``, as ``(-a) + c`` (IEEE subtraction is the sum with the negation)."""
         out = self._out(k, a)
         if out is None:
-            out = torch._foreach_neg(a)
+            out = torch_compat.foreach_neg(a)
         else:
             for x, o in zip(a, out):
                 torch.neg(x, out=o)
-        torch._foreach_add_(out, c)
+        torch_compat.foreach_add_(out, c)
         return out
 
     def add(self, k: int, a: Tensors, c: float) -> Tensors:
         """``a + c``."""
         out = self._out(k, a)
         if out is None:
-            return torch._foreach_add(a, c)
+            return torch_compat.foreach_add(a, c)
         for x, o in zip(a, out):
             torch.add(x, c, out=o)
         return out
@@ -162,7 +164,7 @@ class ForeachOps:
         out = self._out(k, a)
         if out is None:
             return [t.clone() for t in a]
-        torch._foreach_copy_(out, a)
+        torch_compat.foreach_copy_(out, a)
         return out
 
     def sqrt(self, k: int, a: Tensors) -> Tensors:
@@ -172,15 +174,15 @@ class ForeachOps:
     def clamp(self, k: int, a: Tensors, low: float, high: float) -> Tensors:
         """``max(min(a, high), low)`` (NaN stays NaN)."""
         out = self.copy(k, a)
-        torch._foreach_clamp_max_(out, high)
-        torch._foreach_clamp_min_(out, low)
+        torch_compat.foreach_clamp_max_(out, high)
+        torch_compat.foreach_clamp_min_(out, low)
         return out
 
     def pow(self, k: int, a: Tensors, exponent: float) -> Tensors:
         """``a ** exponent`` (torch's ``pow``: not always correctly rounded, nor is TF's)."""
         out = self._out(k, a)
         if out is None:
-            return torch._foreach_pow(a, exponent)
+            return torch_compat.foreach_pow(a, exponent)
         for x, o in zip(a, out):
             torch.pow(x, exponent, out=o)
         return out
@@ -188,19 +190,19 @@ class ForeachOps:
     # in place
     def mul_(self, x: Tensors, y: Tensors | float) -> None:
         """``x *= y``."""
-        torch._foreach_mul_(x, y)
+        torch_compat.foreach_mul_(x, y)
 
     def add_(self, x: Tensors, y: Tensors | float) -> None:
         """``x += y``."""
-        torch._foreach_add_(x, y)
+        torch_compat.foreach_add_(x, y)
 
     def sub_(self, x: Tensors, y: Tensors | float) -> None:
         """``x -= y``."""
-        torch._foreach_sub_(x, y)
+        torch_compat.foreach_sub_(x, y)
 
     def div_(self, x: Tensors, y: Tensors | float) -> None:
         """``x /= y``."""
-        torch._foreach_div_(x, y)
+        torch_compat.foreach_div_(x, y)
 
     def sqrt_(self, x: Tensors) -> None:
         """``x = sqrt(x)``, correctly rounded (:func:`sqrt`)."""
@@ -208,16 +210,16 @@ class ForeachOps:
 
     def reciprocal_(self, x: Tensors) -> None:
         """``x = 1 / x``."""
-        torch._foreach_reciprocal_(x)
+        torch_compat.foreach_reciprocal_(x)
 
     def copy_(self, x: Tensors, y: Tensors) -> None:
         """``x = y``."""
-        torch._foreach_copy_(x, y)
+        torch_compat.foreach_copy_(x, y)
 
     def assign_quotient_(self, x: Tensors, a: Tensors, b: Tensors) -> None:
         """``x = a / b``, where ``a`` is a temporary (it may be overwritten)."""
-        torch._foreach_div_(a, b)
-        torch._foreach_copy_(x, a)
+        torch_compat.foreach_div_(a, b)
+        torch_compat.foreach_copy_(x, a)
 
     def keep_where_abs_above_(self, x: Tensors, y: Tensors, bound: float) -> None:
         """``x = x if |y| > bound else 0`` (0 where ``y`` is NaN)."""
@@ -230,8 +232,8 @@ class ForeachOps:
 
     def scale_add_(self, x: Tensors, c: float, y: Tensors) -> None:
         """``x = round(x * c) + y``."""
-        torch._foreach_mul_(x, c)
-        torch._foreach_add_(x, y)
+        torch_compat.foreach_mul_(x, c)
+        torch_compat.foreach_add_(x, y)
 
     def add_scaled_quotient_(self, x: Tensors, y: Tensors, z: Tensors, c: float) -> None:
         """``x += round(round(y * c) / z)`` (:func:`add_scaled_quotient_`)."""
