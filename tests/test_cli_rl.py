@@ -344,3 +344,38 @@ def test_eval_refuses_bad_arguments(two_runs, capsys, argv, message):
         code = exc.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_error_raised_while_ctrl_c_is_handled_is_an_interruption(monkeypatch, tmp_path, capsys):
+    """Ctrl-C inside torch.save can surface as the archive writer's RuntimeError, raised while
+    the KeyboardInterrupt is handled: still exit 130 with the resume hint, no traceback."""
+    import polyak.cli as cli
+
+    def interrupted_then_broken(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("unexpected pos 6272 vs 6168") from None
+
+    def broken(args):
+        raise RuntimeError("not an interruption")
+
+    parser = cli.build_parser()
+    for func, expected in ((interrupted_then_broken, 130), (broken, None)):
+        args = parser.parse_args(["eval", str(tmp_path)])
+        monkeypatch.setattr(args, "func", func)
+        monkeypatch.setattr(cli, "build_parser", lambda args=args: _Fixed(args))
+        if expected is None:
+            with pytest.raises(RuntimeError, match="not an interruption"):
+                cli.main([])
+        else:
+            assert cli.main([]) == expected
+            assert "re-run the same command to resume" in capsys.readouterr().out
+
+
+class _Fixed:
+    def __init__(self, args):
+        self.args = args
+
+    def parse_args(self, argv):
+        return self.args

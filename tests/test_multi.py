@@ -12,6 +12,7 @@ from torch import nn
 
 import polyak
 from polyak import ExponentialMovingAverage, GlobalStep, schedules
+from polyak import _torch_compat as torch_compat
 from polyak.averaging import EMAGroup, multi
 from polyak.averaging.multi import FanOutLerp
 
@@ -107,7 +108,7 @@ def test_small_tensors_share_chunks_and_calls(monkeypatch):
     K averages take a chunk one after another: 600 separate tensors of 1000 floats fill three
     1 MiB chunks (262 144 floats at most each), so K = 3 takes 9 calls, not 1800."""
     calls = []
-    lerp = torch._foreach_lerp_
+    lerp = torch_compat.foreach_lerp_
 
     def counting(shadows, sources, weight):
         calls.append((len(shadows), weight))
@@ -116,7 +117,7 @@ def test_small_tensors_share_chunks_and_calls(monkeypatch):
     sources = tensors([(1000,)] * 600, seed=3)
     shadows = [tensors([(1000,)] * 600, seed=4 + k) for k in range(3)]
     fan = FanOutLerp(sources, shadows, chunk_bytes=1 << 20)
-    monkeypatch.setattr(torch, "_foreach_lerp_", counting)
+    monkeypatch.setattr(torch_compat, "foreach_lerp_", counting)
     fan([0.1, 0.2, 0.3])
     assert calls == [(n, w) for n in (262, 262, 76) for w in (0.1, 0.2, 0.3)]
 

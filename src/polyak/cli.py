@@ -287,9 +287,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"polyak {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        # Ctrl-C in the middle of a checkpoint write can surface as the writer's own error
+        # while the KeyboardInterrupt is handled (torch.save closing a half-written archive).
+        if not _caused_by_interrupt(exc):
+            raise
         print("interrupted; re-run the same command to resume from the last checkpoint")
         return 130
+
+
+def _caused_by_interrupt(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__context__
+    return False
 
 
 if __name__ == "__main__":
