@@ -325,3 +325,50 @@ def test_a_step_counts_as_an_in_place_write_for_autograd(flat):
     assert all(p._version > v for p, v in zip(net.parameters(), versions))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("name", ["AdamOptimizer", "RMSPropOptimizer", "FtrlOptimizer"])
+def test_numpy_chunks_on_odd_shapes_mixed_dtypes_and_missing_gradients(name, monkeypatch):
+    """0-d and empty parameters, float32 and float64 in one group, a parameter without a
+    gradient every other step (its slots wait, the plan changes): the bits of torch's path."""
+
+    def final():
+        torch.manual_seed(0)
+        shapes = [(), (0,), (5000,), (3, 7), (40, 300)]
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        params.append(torch.nn.Parameter(torch.randn(9, dtype=torch.float64)))
+        opt = getattr(po, name)(params, **OPTIMIZERS[name])
+        g = torch.Generator().manual_seed(1)
+        for i in range(4):
+            for j, p in enumerate(params):
+                grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+                p.grad = None if (i % 2 and j == 2) else grad
+            opt.step()
+        return [p.detach().clone() for p in params] + [
+            t.clone() for st in opt.state.values() for t in st.values()
+        ]
+
+    numpy_path = final()
+    monkeypatch.setattr(_base, "ARRAY_DTYPES", frozenset())
+    assert all(torch.equal(a, b) for a, b in zip(numpy_path, final()))
+
+
+def test_numpy_chunks_follow_a_parameter_transposed_in_place(monkeypatch):
+    """``p.data = p.data.t()`` keeps the memory and changes the layout: the plan's views are
+    dropped (a view of the old layout would pair the gradient with the wrong elements)."""
+
+    def final():
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(6, 6))
+        opt = po.AdamOptimizer([p], 0.1)
+        g = torch.Generator().manual_seed(1)
+        for i in range(3):
+            if i == 1:
+                p.data = p.data.t()
+            p.grad = torch.randn(6, 6, generator=g)
+            opt.step()
+        return p.detach().clone(), opt.state[p]["m"].clone()
+
+    numpy_path = final()
+    monkeypatch.setattr(_base, "ARRAY_DTYPES", frozenset())
+    assert all(torch.equal(a, b) for a, b in zip(numpy_path, final()))
