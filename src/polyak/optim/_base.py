@@ -31,7 +31,6 @@ __all__ = ["Flag", "Operand", "Ops", "Real", "TFOptimizer"]
 
 Tensors = list[torch.Tensor]
 _data_ptr = torch.Tensor.data_ptr
-_stride = torch.Tensor.stride
 Ops: TypeAlias = "ForeachOps | ArrayOps"
 Operand: TypeAlias = "Tensors | np.ndarray"
 """What an update rule computes on: parallel lists of tensors (:class:`ForeachOps`) or one
@@ -267,25 +266,23 @@ class TFOptimizer(torch.optim.Optimizer):
         """What :meth:`step` keeps from step to step, rebuilt when what it describes changes."""
         # (group, device, dtype) -> the foreach layout or the NumPy chunks of its tensors
         self._plans: dict[tuple[int, torch.device, torch.dtype], Any] = {}
-        # group -> (data pointers and strides of its dense parameters, their (device, dtype,
-        # indices))
-        self._groups: dict[int, tuple[list[Any], list[tuple[Any, Any, list[int]]]]] = {}
+        # group -> (data pointers of its dense parameters, their (device, dtype, indices))
+        self._groups: dict[int, tuple[list[int], list[tuple[Any, Any, list[int]]]]] = {}
         self._reused = Reused()  # temporaries of CPU foreach pieces
         # group -> (its values, dtype -> the scalars of a step computed from them)
         self._scalar_cache: dict[int, tuple[list[Any], dict[torch.dtype, Any]]] = {}
         self._array_ops: dict[torch.dtype, Any] = {}
 
     def _batches(self, gi: int, dense: Tensors) -> list[tuple[Any, Any, list[int]]]:
-        """``dense``'s indices per (device, dtype), kept while the same memory is stepped in
-        the same layout (a parameter given new memory, or the same memory transposed, drops
-        the group's plans, whose views describe the old)."""
-        layout = [*map(_data_ptr, dense), *map(_stride, dense)]
+        """``dense``'s indices per (device, dtype), kept while the same memory is stepped (a
+        parameter given new memory drops the group's plans, whose views describe the old)."""
+        ptrs = list(map(_data_ptr, dense))
         cached = self._groups.get(gi)
-        if cached is None or cached[0] != layout:
+        if cached is None or cached[0] != ptrs:
             for key in [k for k in self._plans if k[0] == gi]:  # views of the old memory
                 del self._plans[key]
             batches = [(d, t, idx) for (d, t), idx in by_device_dtype(dense).items()]
-            cached = self._groups[gi] = (layout, batches)
+            cached = self._groups[gi] = (ptrs, batches)
         return cached[1]
 
     def _step_group(self, gi: int, group: dict[str, Any], dense: Tensors, sparse: Tensors) -> None:
