@@ -18,6 +18,9 @@ from polyak.optim import _arrays as arrays
 from polyak.optim import _base as base
 from polyak.optim import _batches as batches
 
+# The CPU update goes through NumPy with one torch thread (and foreach with more): test that.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ALL = {
     "GradientDescentOptimizer": {"learning_rate": 0.1},
     "MomentumOptimizer": {"learning_rate": 0.1, "momentum": 0.9, "use_nesterov": True},

@@ -19,6 +19,9 @@ import polyak.optim as po
 from polyak.optim import _arrays, _base, _batches, _exact
 from polyak.optim._arith import Arith, to_float32
 
+# The CPU update goes through NumPy with one torch thread (and foreach with more): test that.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------- Arith
@@ -65,6 +68,7 @@ PRIMITIVES = textwrap.dedent(
     """
     import numpy as np, torch
     from polyak.optim import _exact as f
+    torch.set_num_threads(1)  # polyak.optim's NumPy path
     rng = np.random.default_rng(0)
     for dt in (np.float32, np.float64, np.float16):
         n = 1000
@@ -372,3 +376,30 @@ def test_numpy_chunks_follow_a_parameter_transposed_in_place(monkeypatch):
     numpy_path = final()
     monkeypatch.setattr(_base, "ARRAY_DTYPES", frozenset())
     assert all(torch.equal(a, b) for a, b in zip(numpy_path, final()))
+
+
+def test_more_torch_threads_take_torchs_foreach_path_with_the_same_bits():
+    """With several torch threads the CPU update is torch's foreach operations, which spread a
+    large tensor over the threads (NumPy's run on one): the same bits as the one-thread path,
+    on gradients given (a backward pass on two threads may sum in another order)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(300, 400), (400,), (7, 3)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    threads = torch.get_num_threads()
+    ends = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            params = [torch.nn.Parameter(t.clone()) for t in start]
+            opt = po.AdamOptimizer(params, 0.01)
+            for step_grads in grads:
+                for p, grad in zip(params, step_grads):
+                    p.grad = grad
+                opt.step()
+            uses_numpy = any(isinstance(p, _arrays.ArrayPlan) for p in opt._plans.values())
+            assert uses_numpy == (n == 1)
+            ends.append([p.detach().clone() for p in params])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*ends))

@@ -9,6 +9,9 @@ from torch import nn
 import polyak
 import polyak.optim as po
 
+# The CPU update goes through NumPy with one torch thread (and foreach with more): test that.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Optimizers whose TF sparse kernel is the dense rule on the touched rows (for rows of more
 # than one number): a sparse step equals dense steps of per-row variables, only the touched
 # ones stepping.

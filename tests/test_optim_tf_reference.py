@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The CPU update goes through NumPy with one torch thread (and foreach with more): test that.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
     "tf1_optimizer_reference", ROOT / "tools" / "tf1_optimizer_reference.py"
