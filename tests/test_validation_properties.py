@@ -178,9 +178,8 @@ CONSTRUCTORS: list[tuple[str, Callable[..., Any], dict[str, Any], dict[str, Any]
         {"lo": -1.0, "hi": 1.0},
         {
             "lo": st.one_of(NOT_A_NUMBER, st.just(math.nan), st.floats(1.0, exclude_min=True)),
-            "hi": st.one_of(
-                NOT_A_NUMBER, st.just(math.nan), st.floats(max_value=-1.0, exclude_max=True)
-            ),
+            "hi": st.one_of(NOT_A_NUMBER, st.just(math.nan), st.floats(max_value=-1.0,
+                                                                       exclude_max=True)),
         },
     ),
     (
@@ -241,9 +240,8 @@ CONSTRUCTORS: list[tuple[str, Callable[..., Any], dict[str, Any], dict[str, Any]
         _optimizer,
         {},
         {
-            "inner": st.one_of(
-                st.just(nn.Linear(2, 2)), st.just([nn.Parameter(torch.ones(1))]), st.integers()
-            ),
+            "inner": st.one_of(st.just(nn.Linear(2, 2)), st.just([nn.Parameter(torch.ones(1))]),
+                               st.integers()),
             "transforms": st.one_of(
                 st.integers(),
                 st.text(min_size=1, max_size=3),
@@ -305,17 +303,14 @@ CONSTRUCTORS: list[tuple[str, Callable[..., Any], dict[str, Any], dict[str, Any]
         polyak.clip_by_global_norm,
         {"t_list": [torch.ones(2)], "clip_norm": 1.0},
         {
-            "t_list": st.one_of(
-                st.just(torch.ones(3)), st.integers(), st.just([None]), st.just(["a"])
-            ),
+            "t_list": st.one_of(st.just(torch.ones(3)), st.integers(), st.just([None]),
+                                st.just(["a"])),
             "clip_norm": real_outside(0.0, low_open=True).filter(
                 lambda v: not isinstance(v, torch.Tensor)
             ),
             "use_norm": st.one_of(
-                st.floats(max_value=0.0, exclude_max=True),
-                st.just(math.nan),
-                st.text(max_size=2),
-                st.booleans(),
+                st.floats(max_value=0.0, exclude_max=True), st.just(math.nan),
+                st.text(max_size=2), st.booleans(),
             ),
         },
     ),
@@ -334,9 +329,8 @@ CONSTRUCTORS: list[tuple[str, Callable[..., Any], dict[str, Any], dict[str, Any]
                 st.just([None, None]),
             ),
             "stop_gradients": st.one_of(st.integers(), st.just([1.0])),
-            "unconnected_gradients": st.text(max_size=5).filter(
-                lambda s: s not in ("none", "zero")
-            ),
+            "unconnected_gradients": st.text(max_size=5).filter(lambda s: s not in ("none",
+                                                                                    "zero")),
             "retain_graph": NOT_A_BOOL,
             "create_graph": NOT_A_BOOL,
         },
@@ -350,12 +344,8 @@ CONSTRUCTORS: list[tuple[str, Callable[..., Any], dict[str, Any], dict[str, Any]
             "grads": NOT_A_BOOL,
         },
     ),
-    (
-        "stop_gradient",
-        polyak.stop_gradient,
-        {"t": torch.ones(1)},
-        {"t": NOT_A_NUMBER.filter(lambda v: not isinstance(v, torch.Tensor))},
-    ),
+    ("stop_gradient", polyak.stop_gradient, {"t": torch.ones(1)}, {"t": NOT_A_NUMBER.filter(
+        lambda v: not isinstance(v, torch.Tensor))}),
 ]
 
 CASES = [(label, arg) for label, _, _, bad in CONSTRUCTORS for arg in bad]
@@ -480,9 +470,8 @@ def _optimizer_state(model: nn.Module, opt: polyak.Optimizer) -> Any:
 
 @EXAMPLES
 @given(
-    which=st.sampled_from(
-        ["shape", "dtype", "twice", "foreign", "not a pair", "global_step", "not a tensor"]
-    )
+    which=st.sampled_from(["shape", "dtype", "twice", "foreign", "not a pair", "global_step",
+                           "not a tensor"])
 )
 def test_apply_gradients_with_bad_pairs_changes_nothing(which):
     model, opt = _model_and_optimizer()
@@ -544,16 +533,8 @@ def test_ema_load_of_a_bad_state_dict_changes_nothing(data):
     bad = copy.deepcopy(good)
     where = data.draw(
         st.sampled_from(
-            [
-                "step",
-                "averages",
-                "values",
-                "an average",
-                "a value's local_step",
-                "a value's biased",
-                "a value without average",
-                "dtype",
-            ]
+            ["step", "averages", "values", "an average", "a value's local_step",
+             "a value's biased", "a value without average", "dtype"]
         )
     )
     junk = data.draw(GARBAGE)
@@ -657,14 +638,8 @@ def test_optimizer_load_of_another_models_state_changes_nothing(which, junk):
     model, opt = _model_and_optimizer()
     saved = snapshot(opt)
     inner = saved["inner"]
-    culprit = {
-        "groups": "param groups",
-        "params": "param group 0",
-        "shape": "0.weight",
-        "unknown id": "parameter id",
-        "inner": "'inner'",
-        "keys": "keys",
-    }[which]
+    culprit = {"groups": "param groups", "params": "param group 0", "shape": "0.weight",
+               "unknown id": "parameter id", "inner": "'inner'", "keys": "keys"}[which]
     if which == "groups":
         inner["param_groups"].append(copy.deepcopy(inner["param_groups"][0]))
     elif which == "params":

@@ -671,7 +671,9 @@ class ExponentialMovingAverage:
 
     # ------------------------------------------------------------------ internals
 
-    def _prepare(self, var_list: VarList) -> tuple[list[_Entry], list[tuple[_Entry, torch.Tensor]]]:
+    def _prepare(
+        self, var_list: VarList
+    ) -> tuple[list[_Entry], list[tuple[_Entry, torch.Tensor]]]:
         """Check ``var_list``, track its new entries, return its variables and values."""
         items = self._resolve(var_list)
         new: list[tuple[str, torch.Tensor, bool, bool]] = []
@@ -693,12 +695,8 @@ class ExponentialMovingAverage:
                 first = variables.setdefault(id(tensor), name)
                 tracked = self._by_id.get(id(tensor))
                 if first != name or (tracked is not None and tracked.name != name):
-                    other = (
-                        f"listed as '{first}'"
-                        if first != name
-                        else (
-                            f"tracked as '{tracked.name}'"  # type: ignore[union-attr]
-                        )
+                    other = f"listed as '{first}'" if first != name else (
+                        f"tracked as '{tracked.name}'"  # type: ignore[union-attr]
                     )
                     raise ValueError(
                         f"ExponentialMovingAverage: the tensor listed as '{name}' is also "
@@ -728,7 +726,9 @@ class ExponentialMovingAverage:
         values = [(e, item[1]) for e, item in zip(entries, items) if e.is_value]
         return [e for e in entries if not e.is_value], values
 
-    def _record_owners(self, module: nn.Module, entries: list[_Entry], repointed: set[int]) -> None:
+    def _record_owners(
+        self, module: nn.Module, entries: list[_Entry], repointed: set[int]
+    ) -> None:
         """Remember which attributes of ``module``'s submodules hold the variables of
         ``entries`` (walking the module only when an entry is new to it or was repointed)."""
         fresh = [e for e in entries if e.owners is None or id(e) in repointed]
