@@ -1,5 +1,7 @@
 """Shared test fixtures: ``device`` runs a test on every available device (cpu, plus cuda);
-``crash_at_replay_write`` kills an RL training run at a chosen replay write.
+``crash_at_replay_write`` kills an RL training run at a chosen replay write; ``one_torch_thread``
+runs a test with ``torch.set_num_threads(1)`` (polyak.optim's CPU path through NumPy, which it
+takes with one thread only).
 
 Hypothesis profiles: ``make test`` (and so CI) runs ``HYPOTHESIS_PROFILE=ci``, the same examples
 on every run, so a gate never turns red by chance; a plain ``pytest`` explores new random
@@ -23,6 +25,16 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
+
+
+@pytest.fixture
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Crash(Exception):

@@ -514,12 +514,9 @@ class TestErrors:
             ema.update()
         assert_state(ema, snap)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="documented limitation (docs/averaging.md): plans "
-        "are keyed by data_ptr only; a shape "
-        "change that keeps the pointer (p.data = p.data[:k]) is not detected",
-    )
+    @pytest.mark.xfail(strict=True, reason="documented limitation (docs/averaging.md): plans "
+                       "are keyed by data_ptr only; a shape "
+                       "change that keeps the pointer (p.data = p.data[:k]) is not detected")
     def test_shape_change_same_pointer(self):
         p = nn.Parameter(torch.arange(4.0))
         ema = EMA(0.5)
@@ -531,12 +528,9 @@ class TestErrors:
             ema.update()
         assert_state(ema, snap)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="documented limitation (docs/averaging.md): plans "
-        "are keyed by data_ptr only; a stride "
-        "change that keeps the pointer (p.data = p.data.t()) averages stale views",
-    )
+    @pytest.mark.xfail(strict=True, reason="documented limitation (docs/averaging.md): plans "
+                       "are keyed by data_ptr only; a stride "
+                       "change that keeps the pointer (p.data = p.data.t()) averages stale views")
     def test_layout_change_same_pointer(self):
         w = nn.Parameter(torch.arange(9.0).view(3, 3))
         ema = EMA(0.0)

@@ -310,7 +310,9 @@ class TestDtypeDevice:
         # 1e-4 * 0.5 per step is far below bf16's spacing at 1.0 (2**-7): bf16 never moves
         assert torch.equal(stalled.average(bf).cpu(), torch.ones(4, dtype=torch.bfloat16))
         assert float(ref[0]) > 1.04
-        torch.testing.assert_close(tracking.average(bf).double().cpu(), ref, rtol=0, atol=2e-5)
+        torch.testing.assert_close(
+            tracking.average(bf).double().cpu(), ref, rtol=0, atol=2e-5
+        )
 
     def test_shadow_dtype_copy_steps_and_swaps(self):
         bf = nn.Parameter(torch.full((3,), 2.0, dtype=torch.bfloat16))

@@ -249,9 +249,8 @@ class _Scalars(nn.Module):
 
 def test_resume_with_zero_dim_parameters_keeps_their_moments_per_parameter():
     ref, flat = _Scalars(), polyak.flatten_parameters_(_Scalars())
-    o_ref, opt = (
-        torch.optim.Adam(ref.parameters()),
-        polyak.Optimizer(torch.optim.Adam(flat.parameters())),
+    o_ref, opt = torch.optim.Adam(ref.parameters()), polyak.Optimizer(
+        torch.optim.Adam(flat.parameters())
     )
     x = torch.arange(4.0)
     for _ in range(2):

@@ -96,7 +96,9 @@ def test_step_hooks_and_schedulers_still_see_every_step(monkeypatch):
     handle.remove()
 
     everywhere = []
-    handle = register_optimizer_step_pre_hook(lambda o, args, kwargs: everywhere.append(o))
+    handle = register_optimizer_step_pre_hook(
+        lambda o, args, kwargs: everywhere.append(o)
+    )
     try:
         opt.minimize(_loss(model, 3))
     finally:

@@ -18,6 +18,9 @@ from polyak.optim import _arrays as arrays
 from polyak.optim import _base as base
 from polyak.optim import _batches as batches
 
+# The CPU update goes through NumPy with one torch thread (and foreach with more): test that.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ALL = {
     "GradientDescentOptimizer": {"learning_rate": 0.1},
     "MomentumOptimizer": {"learning_rate": 0.1, "momentum": 0.9, "use_nesterov": True},
@@ -180,6 +183,12 @@ def test_pickle_and_deepcopy_keep_working():
     clone = copy.deepcopy(opt)
     assert clone.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
     pickle.loads(pickle.dumps(opt))
+    # a copy of model and optimizer together steps its own weights (no views of the original's
+    # memory survive the copy), as the original steps its own
+    net_copy, opt_copy = copy.deepcopy((net, opt))
+    train(net, opt, 2, start=1)
+    train(net_copy, opt_copy, 2, start=1)
+    assert same(weights(net), weights(net_copy))
 
 
 # ---------------------------------------------------------------------- schedules, groups

@@ -19,7 +19,9 @@ import polyak.optim as po
 from polyak.optim import _arrays, _base, _batches, _exact
 from polyak.optim._arith import Arith, to_float32
 
-pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
+# Expected bits (run again with AVX-512 off); the CPU update goes through NumPy with one torch
+# thread (and foreach with more): test that.
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_torch_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +69,7 @@ PRIMITIVES = textwrap.dedent(
     """
     import numpy as np, torch
     from polyak.optim import _exact as f
+    torch.set_num_threads(1)  # polyak.optim's NumPy path
     rng = np.random.default_rng(0)
     for dt in (np.float32, np.float64, np.float16):
         n = 1000
@@ -327,3 +330,77 @@ def test_a_step_counts_as_an_in_place_write_for_autograd(flat):
     assert all(p._version > v for p, v in zip(net.parameters(), versions))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("name", ["AdamOptimizer", "RMSPropOptimizer", "FtrlOptimizer"])
+def test_numpy_chunks_on_odd_shapes_mixed_dtypes_and_missing_gradients(name, monkeypatch):
+    """0-d and empty parameters, float32 and float64 in one group, a parameter without a
+    gradient every other step (its slots wait, the plan changes): the bits of torch's path."""
+
+    def final():
+        torch.manual_seed(0)
+        shapes = [(), (0,), (5000,), (3, 7), (40, 300)]
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        params.append(torch.nn.Parameter(torch.randn(9, dtype=torch.float64)))
+        opt = getattr(po, name)(params, **OPTIMIZERS[name])
+        g = torch.Generator().manual_seed(1)
+        for i in range(4):
+            for j, p in enumerate(params):
+                grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+                p.grad = None if (i % 2 and j == 2) else grad
+            opt.step()
+        return [p.detach().clone() for p in params] + [
+            t.clone() for st in opt.state.values() for t in st.values()
+        ]
+
+    numpy_path = final()
+    monkeypatch.setattr(_base, "ARRAY_DTYPES", frozenset())
+    assert all(torch.equal(a, b) for a, b in zip(numpy_path, final()))
+
+
+def test_numpy_chunks_follow_a_parameter_transposed_in_place(monkeypatch):
+    """``p.data = p.data.t()`` keeps the memory and changes the layout: the plan's views are
+    dropped (a view of the old layout would pair the gradient with the wrong elements)."""
+
+    def final():
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(6, 6))
+        opt = po.AdamOptimizer([p], 0.1)
+        g = torch.Generator().manual_seed(1)
+        for i in range(3):
+            if i == 1:
+                p.data = p.data.t()
+            p.grad = torch.randn(6, 6, generator=g)
+            opt.step()
+        return p.detach().clone(), opt.state[p]["m"].clone()
+
+    numpy_path = final()
+    monkeypatch.setattr(_base, "ARRAY_DTYPES", frozenset())
+    assert all(torch.equal(a, b) for a, b in zip(numpy_path, final()))
+
+
+def test_more_torch_threads_take_torchs_foreach_path_with_the_same_bits():
+    """With several torch threads the CPU update is torch's foreach operations, which spread a
+    large tensor over the threads (NumPy's run on one): the same bits as the one-thread path,
+    on gradients given (a backward pass on two threads may sum in another order)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(300, 400), (400,), (7, 3)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    threads = torch.get_num_threads()
+    ends = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            params = [torch.nn.Parameter(t.clone()) for t in start]
+            opt = po.AdamOptimizer(params, 0.01)
+            for step_grads in grads:
+                for p, grad in zip(params, step_grads):
+                    p.grad = grad
+                opt.step()
+            uses_numpy = any(isinstance(p, _arrays.ArrayPlan) for p in opt._plans.values())
+            assert uses_numpy == (n == 1)
+            ends.append([p.detach().clone() for p in params])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*ends))

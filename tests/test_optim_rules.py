@@ -12,7 +12,9 @@ from tf1_numpy import Reference
 
 import polyak.optim as po
 
-pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
+# Expected bits (run again with AVX-512 off); the CPU update goes through NumPy with one torch
+# thread (and foreach with more): test that.
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_torch_thread")]
 
 F32 = float(np.float32(0.1))  # TF's learning rate 0.1: a float32
 

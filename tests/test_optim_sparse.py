@@ -9,7 +9,9 @@ from torch import nn
 import polyak
 import polyak.optim as po
 
-pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
+# Expected bits (run again with AVX-512 off); the CPU update goes through NumPy with one torch
+# thread (and foreach with more): test that.
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_torch_thread")]
 
 # Optimizers whose TF sparse kernel is the dense rule on the touched rows (for rows of more
 # than one number): a sparse step equals dense steps of per-row variables, only the touched

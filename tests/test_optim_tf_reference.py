@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.numerics  # expected bits: run again with AVX-512 off
+# Expected bits (run again with AVX-512 off); the CPU update goes through NumPy with one torch
+# thread (and foreach with more): test that.
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_torch_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(

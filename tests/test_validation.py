@@ -281,9 +281,8 @@ def test_shadow_dtype_accepts_dtypes_and_their_names(name):
     assert ema.average("0.weight").dtype == torch.float64
 
 
-@pytest.mark.parametrize(
-    ("value", "error"), [("float33", TypeError), ("int32", TypeError), (32, TypeError)]
-)
+@pytest.mark.parametrize(("value", "error"), [("float33", TypeError), ("int32", TypeError),
+                                              (32, TypeError)])
 def test_bad_shadow_dtype_names_the_argument(value, error):
     with pytest.raises(error, match="shadow_dtype"):
         polyak.ExponentialMovingAverage(0.9, shadow_dtype=value)

@@ -203,7 +203,8 @@ def runs(*tensor_lists: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     count = len(tensor_lists[0])
     if any(len(ts) != count for ts in tensor_lists):
         raise ValueError(
-            f"coalesce: the lists must be parallel, got lengths {[len(ts) for ts in tensor_lists]}"
+            "coalesce: the lists must be parallel, got lengths "
+            f"{[len(ts) for ts in tensor_lists]}"
         )
     breaks = [False] * count
     for ts in tensor_lists:

@@ -21,7 +21,9 @@ __all__ = ["BufferPolicy", "canonical_name", "module_tensors", "tensor_owners"]
 BufferPolicy = Literal["average", "copy", "ignore"]
 
 # Segments that wrappers insert anywhere in a path (they never name a user's own submodule).
-_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+_WRAPPER_SEGMENTS = frozenset(
+    {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+)
 # DDP/DataParallel's "module." is only a wrapper at the front: inside a model it can be a
 # user's attribute name, which must be kept.
 _LEADING_WRAPPER = "module"

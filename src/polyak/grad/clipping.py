@@ -259,10 +259,8 @@ def _check_axes(axes: int | Sequence[int] | None, t: torch.Tensor) -> tuple[int,
     if axes is None:
         return None
     dims = (axes,) if isinstance(axes, int) else axes
-    if (
-        isinstance(dims, str)
-        or not isinstance(dims, Sequence)
-        or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
+    if isinstance(dims, str) or not isinstance(dims, Sequence) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in dims
     ):
         raise TypeError(f"clip_by_norm: axes must be an int or a list of ints, got {axes!r}")
     ndim = max(t.ndim, 1)

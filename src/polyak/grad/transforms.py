@@ -278,7 +278,8 @@ class clip_by_value(Transform):
             raise ValueError(f"clip_by_value: need lo <= hi, got lo={lo!r}, hi={hi!r}")
         if lo == -math.inf and hi == math.inf:
             raise ValueError(
-                "clip_by_value: lo=-inf and hi=inf clip nothing; omit the transform for no clipping"
+                "clip_by_value: lo=-inf and hi=inf clip nothing; omit the transform for no "
+                "clipping"
             )
         self.lo, self.hi = lo, hi
 
@@ -402,11 +403,8 @@ class add_noise(Transform):
 
     def __init__(self, eta: float, gamma: float = 0.55, seed: int = 0) -> None:
         self.eta = check_real(
-            eta,
-            "eta",
-            "add_noise",
-            low=0.0,
-            hint="use a finite variance (omit the transform for no noise)",
+            eta, "eta", "add_noise", low=0.0, hint="use a finite variance (omit the transform "
+            "for no noise)"
         )
         self.gamma = check_real(
             gamma, "gamma", "add_noise", low=0.0, hint="use a finite decay exponent (0: constant)"
@@ -722,10 +720,8 @@ class masked(Transform):
                     f"(name, param) -> bool, got {select!r}"
                 )
             if not select:
-                raise ValueError(
-                    "masked: select is empty, so nothing would be masked in; omit "
-                    "the transform instead"
-                )
+                raise ValueError("masked: select is empty, so nothing would be masked in; omit "
+                                 "the transform instead")
             select = frozenset(select)
         self.inner = inner
         self.select = select

@@ -54,6 +54,7 @@ TEMPORARIES = 4  # temporaries 0-2 for the rules, 3 for the fused operations' in
 
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
+_stride = torch.Tensor.stride
 
 _mul, _add, _sub, _div = np.multiply, np.add, np.subtract, np.divide
 _sqrt, _reciprocal = np.sqrt, np.reciprocal
@@ -306,10 +307,11 @@ class ArrayPlan:
     has them copied into one array for the step. Small tensors are stepped together
     (:class:`_Staged`)."""
 
-    __slots__ = ("_marks", "_params", "_slots", "_temps", "staged", "twins", "units")
+    __slots__ = ("_marks", "_params", "_slots", "_strides", "_temps", "staged", "twins", "units")
 
     def __init__(self, params: list[torch.Tensor], slots: list[list[torch.Tensor]]) -> None:
         self._params = params
+        self._strides = list(map(_stride, params))
         self._slots = slots
         dtype = as_array(params[0].new_empty(0)).dtype
         limit = max(1, CHUNK_BYTES // dtype.itemsize)
@@ -372,11 +374,13 @@ class ArrayPlan:
         self._marks = [p.detach().as_strided((0,), (1,)) for p in params]
 
     def matches(self, params: list[torch.Tensor], slots: list[list[torch.Tensor]]) -> bool:
-        """Whether this plan describes ``params`` and ``slots``: the same tensors (the caller
+        """Whether this plan describes ``params`` and ``slots``: the same tensors, the
+        parameters in the same layout (``p.data = p.data.t()`` keeps the memory; the caller
         drops the plan when a parameter's memory changes)."""
         return (
             len(params) == len(self._params)
             and all(map(operator.is_, params, self._params))
+            and list(map(_stride, params)) == self._strides
             and len(slots) == len(self._slots)
             and all(all(map(operator.is_, new, old)) for new, old in zip(slots, self._slots))
         )

@@ -36,8 +36,16 @@ Operand: TypeAlias = "Tensors | np.ndarray"
 """What an update rule computes on: parallel lists of tensors (:class:`ForeachOps`) or one
 array each (:class:`~polyak.optim._arrays.ArrayOps`)."""
 
-# CPU dtypes updated through NumPy (polyak.optim._arrays); the others through torch's foreach.
+# CPU dtypes updated through NumPy (polyak.optim._arrays) when torch runs on one thread; the
+# others, and all with more threads (torch spreads a large tensor's operations over them, NumPy
+# does not), through torch's foreach.
 ARRAY_DTYPES = frozenset({torch.float32, torch.float64} if ArrayPlan is not None else ())
+
+
+def _one_thread() -> bool:
+    return torch.get_num_threads() == 1
+
+
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
 
 # Constructor argument names of the group keys that differ from them.
@@ -113,8 +121,9 @@ class TFOptimizer(torch.optim.Optimizer):
     - steps each param group per (device, dtype) with scalars rounded as TF's kernels round them
       (:class:`~polyak.optim._arith.Arith`), computed on the host: no per-step host sync;
       float32 and float64 tensors on the CPU through NumPy, chunk by chunk
-      (:mod:`polyak.optim._arrays`), the others with torch's foreach operations; what does not
-      change from step to step (groupings, chunks, scalars) is kept;
+      (:mod:`polyak.optim._arrays`) when torch runs on one thread, the others with torch's
+      foreach operations; what does not change from step to step (groupings, chunks, scalars)
+      is kept;
     - hands sparse COO gradients to :meth:`_update_sparse` (TF's ``_apply_sparse``);
     - refuses a state dict that is not of its own kind, naming what differs.
     """
@@ -295,7 +304,8 @@ class TFOptimizer(torch.optim.Optimizer):
         self._array_ops: dict[torch.dtype, Any] = {}
 
     def _batches(self, gi: int, dense: Tensors) -> list[tuple[Any, Any, list[int]]]:
-        """``dense``'s indices per (device, dtype), kept while the same memory is stepped."""
+        """``dense``'s indices per (device, dtype), kept while the same memory is stepped (a
+        parameter given new memory drops the group's plans, whose views describe the old)."""
         ptrs = list(map(_data_ptr, dense))
         cached = self._groups.get(gi)
         if cached is None or cached[0] != ptrs:
@@ -347,7 +357,7 @@ class TFOptimizer(torch.optim.Optimizer):
             key = (gi, device, dtype)
             cpu = device.type == "cpu"
             plan = self._plans.get(key)
-            if cpu and dtype in ARRAY_DTYPES and not self.one_pass:
+            if cpu and dtype in ARRAY_DTYPES and not self.one_pass and _one_thread():
                 if not (isinstance(plan, ArrayPlan) and plan.matches(ps, ss)):
                     plan = ArrayPlan(ps, ss) if all(map(writable, ps)) else Layout()
                     self._plans[key] = plan
