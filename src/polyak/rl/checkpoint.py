@@ -46,7 +46,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     # torch.load reports a damaged file as whatever its reader hit first (RuntimeError from the
     # zip reader, EOFError, KeyError, UnpicklingError, ...): any failure means "unreadable".
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        reason = _first_line(exc)
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(exc).__name__}"
             + (f": {reason}" if reason else "")
@@ -58,6 +58,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return obj
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, at most 200 characters ("" when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
 @contextlib.contextmanager
 def restoring(path: str | os.PathLike[str]) -> Iterator[None]:
     """Around code that loads the entries of the checkpoint at ``path`` into modules: an entry
@@ -66,7 +72,7 @@ def restoring(path: str | os.PathLike[str]) -> Iterator[None]:
     try:
         yield
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        detail = _first_line(exc)
         raise CheckpointError(
             f"{path} does not fit this run ({type(exc).__name__}: {detail}); it was not written "
             "for this configuration. Move it away to start the run over, or use another --run-dir"

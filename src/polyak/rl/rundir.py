@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from polyak._atomic import write_atomic
 from polyak.rl.config import RunConfig, stored_config_diff
 
 __all__ = [
@@ -184,9 +185,7 @@ def finite_or_null(value: Any, name: str, warnings: list[str]) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON via a temp file and ``os.replace`` (atomic). Refuses NaN
-    and Infinity (``ValueError``): pass the object through :func:`finite_or_null` first."""
+    """Write ``obj`` as indented JSON, atomically (:func:`polyak._atomic.write_atomic`). Refuses
+    NaN and Infinity (``ValueError``): pass the object through :func:`finite_or_null` first."""
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(path, lambda f: f.write(text.encode()))
