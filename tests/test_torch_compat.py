@@ -80,6 +80,7 @@ def test_foreach_fallback_is_bit_identical(name, dtype, device):
         "foreach_copy_": [lambda o: ((o,), {})],
         "foreach_div_": [lambda o: ((3.0,), {}), lambda o: ((o,), {})],
         "foreach_lerp_": [lambda o: ((o, 0.3), {}), lambda o: ((o, weights), {})],
+        "foreach_lerp_scalars_": [lambda o: ((o, [0.1, 0.5, 0.9, 0.25]), {})],
         "foreach_mul": [
             lambda o: ((0.7,), {}),
             lambda o: ((weights[1],), {}),

@@ -43,6 +43,7 @@ __all__ = [
     "foreach_copy_",
     "foreach_div_",
     "foreach_lerp_",
+    "foreach_lerp_scalars_",
     "foreach_mul",
     "foreach_mul_",
     "foreach_neg",
@@ -107,6 +108,9 @@ _FOREACH = {
     "foreach_copy_": ("_foreach_copy_", _per_tensor("copy_", returns=False)),
     "foreach_div_": ("_foreach_div_", _per_tensor("div_", returns=False)),
     "foreach_lerp_": ("_foreach_lerp_", _per_tensor("lerp_", returns=False)),
+    # A list of Python-number weights, one per tensor: an overload older torch may lack, so an
+    # entry of its own (its absence leaves foreach_lerp_ fast for every other caller).
+    "foreach_lerp_scalars_": ("_foreach_lerp_", _per_tensor("lerp_", returns=False)),
     "foreach_mul": ("_foreach_mul", _per_tensor("mul", returns=True)),
     "foreach_mul_": ("_foreach_mul_", _mul_in_place_per_tensor),
     "foreach_neg": ("_foreach_neg", _per_tensor("neg", returns=True)),
@@ -144,6 +148,7 @@ def _foreach_cases(name: str) -> list[tuple[list[torch.Tensor], tuple, dict[str,
         "foreach_copy_": [((other(),), {})],
         "foreach_div_": [((3.0,), {}), ((other(),), {})],
         "foreach_lerp_": [((other(), 0.3), {}), ((other(), weights), {})],
+        "foreach_lerp_scalars_": [((other(), [0.2, 0.9]), {})],
         "foreach_mul": [((0.7,), {}), ((torch.tensor(0.3),), {}), ((other(),), {})],
         "foreach_mul_": [
             ((0.7,), {}),
@@ -269,6 +274,7 @@ foreach_clamp_min_: Callable[..., None]
 foreach_copy_: Callable[..., None]
 foreach_div_: Callable[..., None]
 foreach_lerp_: Callable[..., None]
+foreach_lerp_scalars_: Callable[..., None]
 foreach_mul: Callable[..., list[torch.Tensor]]
 foreach_mul_: Callable[..., None]
 foreach_neg: Callable[..., list[torch.Tensor]]

@@ -70,29 +70,6 @@ def _chunk_elements(device: torch.device, element_size: int, chunk_bytes: int | 
     return 1 << max(12, round(math.log2(max(nbytes // element_size, 1))))
 
 
-_scalar_list_lerp: bool | None = None
-
-
-def _foreach_lerp_scalars(
-    shadows: list[torch.Tensor], sources: list[torch.Tensor], weights: list[float]
-) -> None:
-    """``shadows[i].lerp_(sources[i], weights[i])`` for all ``i``, in one foreach call where
-    this torch has ``_foreach_lerp_`` with a list of scalar weights, else one call each."""
-    global _scalar_list_lerp
-    if _scalar_list_lerp is None:
-        probe = torch.zeros(1)
-        try:
-            torch_compat.foreach_lerp_([probe], [probe], [0.5])
-            _scalar_list_lerp = True
-        except (TypeError, RuntimeError):
-            _scalar_list_lerp = False
-    if _scalar_list_lerp:
-        torch_compat.foreach_lerp_(shadows, sources, weights)
-    else:
-        for s, v, w in zip(shadows, sources, weights):
-            s.lerp_(v, w)
-
-
 def _pieces(
     source: torch.Tensor, shadows: list[torch.Tensor], chunk: int
 ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
@@ -263,7 +240,7 @@ class FanOutLerp:
             c.lerp(lerping, ws)
         if self._fused:
             shadows, sources, which = self._fused_lists(tuple(lerping))
-            _foreach_lerp_scalars(shadows, sources, [ws[k] for k in which])
+            torch_compat.foreach_lerp_scalars_(shadows, sources, [ws[k] for k in which])
 
     def _fused_lists(
         self, ks: tuple[int, ...]
