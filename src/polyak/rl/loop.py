@@ -135,14 +135,24 @@ def make_agent(
             f"make_agent: cls must be {expected.__name__} or a subclass of it for "
             f"algo={config.algo!r}, got {cls!r}"
         )
+    obs_dim, codec = _checked_spaces(config, env)
+    device = torch.device(config.device)
+    agent = (cls or expected)(config, obs_dim, _action_size(codec), rng, device)
+    return agent, codec, obs_dim
+
+
+def _action_size(codec: ActionCodec) -> int:
+    """What an agent is built with: the number of discrete actions, or the action dimension."""
+    return codec.n if codec.discrete else codec.dim
+
+
+def _checked_spaces(config: RunConfig, env: Any) -> tuple[int, ActionCodec]:
+    """``(obs_dim, codec)`` of ``env`` for ``config.algo`` (checked, with clear errors), once the
+    memory a run needs is known to be there."""
     obs_dim = check_observations(env.observation_space, config.algo)
     codec = ActionCodec(env, config.algo)
-    check_memory(config, obs_dim, codec.n if codec.discrete else codec.dim)
-    device = torch.device(config.device)
-    agent = (cls or expected)(
-        config, obs_dim, codec.n if codec.discrete else codec.dim, rng, device
-    )
-    return agent, codec, obs_dim
+    check_memory(config, obs_dim, _action_size(codec))
+    return obs_dim, codec
 
 
 def _agent_class(algo: str) -> type[Agent]:
@@ -257,9 +267,7 @@ def train(
             agent, codec, obs_dim = _seeded_agent(config, env, None)
         else:
             torch.set_num_threads(config.threads)
-            obs_dim = check_observations(env.observation_space, config.algo)
-            codec = ActionCodec(env, config.algo)
-            check_memory(config, obs_dim, codec.n if codec.discrete else codec.dim)
+            obs_dim, codec = _checked_spaces(config, env)
         replay = ReplayBuffer(
             min(config.buffer_size, config.total_steps),  # never allocate rows that stay empty
             obs_dim,
